@@ -1,0 +1,126 @@
+"""Convert a Keras weight file into a timm state dict and save it as safetensors."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from converters import CONVERTER_VERSION
+from converters.align import align
+from converters.errors import LayerMismatchError, WeightFileError
+from converters.h5 import read_keras_weights
+from converters.layouts import flip_input_channels
+from converters.manifest import load_manifest
+from lightning_app.zoo.registry import ZooEntry, get_entry
+
+StateDict = Dict[str, torch.Tensor]
+
+
+@dataclass
+class Converted:
+    state_dict: StateDict
+    metadata: Dict[str, str]
+
+    @property
+    def include_top(self) -> bool:
+        return self.metadata["include_top"] == "true"
+
+
+def sha256_of(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _mapping(entry: ZooEntry):
+    return importlib.import_module(f"converters.mappings.{entry.mapping}")
+
+
+def reference_state_dict(entry: ZooEntry, include_top: bool) -> StateDict:
+    """State dict of a freshly built zoo model: the keys and shapes a conversion must produce."""
+    import timm
+    import lightning_app.zoo.archs  # noqa: F401  (registers keras_* models)
+
+    model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=1000 if include_top else 0)
+    return model.state_dict()
+
+
+def check_against_model(state_dict: StateDict, entry: ZooEntry, include_top: bool) -> StateDict:
+    """Fill BatchNorm step counters, then require exactly the model's keys and shapes."""
+    reference = reference_state_dict(entry, include_top)
+    for key, value in reference.items():
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = torch.zeros_like(value)
+    missing = sorted(set(reference) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(reference))
+    wrong = [f"{k}: converted {tuple(state_dict[k].shape)} vs model {tuple(reference[k].shape)}"
+             for k in reference if k in state_dict and state_dict[k].shape != reference[k].shape]
+    if missing or unexpected or wrong:
+        raise LayerMismatchError(
+            f"conversion for {entry.keras_name} does not fill {entry.timm_arch}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {wrong[:5]}"
+        )
+    return {k: state_dict[k] for k in reference}
+
+
+def convert(model: str, h5_path: os.PathLike | str) -> Converted:
+    """Convert a Keras Applications weight file (top or notop, legacy ``.h5`` or ``.weights.h5``)."""
+    entry = get_entry(model)
+    weights = read_keras_weights(h5_path)
+    layers, include_top = align(weights, load_manifest(entry.keras_name), entry.keras_name)
+    state_dict = _mapping(entry).to_timm(layers, include_top)
+    if entry.bgr:
+        key = f"{entry.first_conv}.weight"
+        state_dict[key] = flip_input_channels(state_dict[key])
+    state_dict = check_against_model(state_dict, entry, include_top)
+    metadata = {
+        "keras_model": entry.keras_name,
+        "timm_arch": entry.timm_arch,
+        "include_top": "true" if include_top else "false",
+        "source_file": Path(h5_path).name,
+        "source_sha256": sha256_of(h5_path),
+        "source_layout": weights.layout,
+        "preprocessing_mode": entry.mode,
+        "mean": json.dumps(entry.mean),
+        "std": json.dumps(entry.std),
+        "bgr_folded_into": f"{entry.first_conv}.weight" if entry.bgr else "",
+        "converter_version": CONVERTER_VERSION,
+    }
+    return Converted(state_dict, metadata)
+
+
+def save_converted(converted: Converted, out_path: os.PathLike | str) -> Path:
+    """Write ``.safetensors`` atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in converted.state_dict.items()}, str(tmp), metadata=converted.metadata)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def load_converted(path: os.PathLike | str) -> Tuple[StateDict, Dict[str, str]]:
+    """Read a converted ``.safetensors`` file: (state dict, metadata)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise WeightFileError(f"{path}: not a readable .safetensors file ({err}); convert it again") from err
+    return state_dict, metadata

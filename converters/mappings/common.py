@@ -1,0 +1,79 @@
+"""Building blocks for mappings: put Keras layers into a timm state dict."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from converters import layouts
+from converters.align import KerasLayers
+from converters.errors import LayerMismatchError
+
+
+class StateDictBuilder:
+    """Collects timm parameters from Keras layers and checks every Keras layer was used once."""
+
+    def __init__(self, layers: KerasLayers, model_name: str = ""):
+        self.layers = layers
+        self.model_name = model_name
+        self.state_dict: Dict[str, torch.Tensor] = {}
+        self._used: set[str] = set()
+
+    def take(self, keras_name: str) -> Dict[str, np.ndarray]:
+        if keras_name not in self.layers:
+            raise LayerMismatchError(f"{self.model_name}: Keras layer {keras_name!r} not found in the weight file")
+        if keras_name in self._used:
+            raise LayerMismatchError(f"{self.model_name}: Keras layer {keras_name!r} mapped twice")
+        self._used.add(keras_name)
+        return self.layers[keras_name]
+
+    def _put(self, prefix: str, tensors: Dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            full = f"{prefix}.{key}"
+            if full in self.state_dict:
+                raise LayerMismatchError(f"{self.model_name}: parameter {full} filled twice")
+            self.state_dict[full] = value
+
+    def conv(self, keras_name: str, prefix: str) -> Optional[np.ndarray]:
+        """Conv2D -> ``prefix.weight`` (+ ``prefix.bias``). Returns the bias array, if any."""
+        w = self.take(keras_name)
+        tensors = {"weight": layouts.conv(w["kernel"])}
+        if "bias" in w:
+            tensors["bias"] = torch.from_numpy(np.ascontiguousarray(w["bias"]))
+        self._put(prefix, tensors)
+        return w.get("bias")
+
+    def conv_bias_into_bn(self, conv_name: str, conv_prefix: str, bn_name: str, bn_prefix: str) -> None:
+        """Conv2D with bias followed by BatchNorm, into a bias-free conv: the bias folds into the BN mean."""
+        w = self.take(conv_name)
+        self._put(conv_prefix, {"weight": layouts.conv(w["kernel"])})
+        self.bn(bn_name, bn_prefix, bias_before=w.get("bias"))
+
+    def bn(self, keras_name: str, prefix: str, bias_before: Optional[np.ndarray] = None) -> None:
+        self._put(prefix, layouts.batchnorm(self.take(keras_name), bias_before=bias_before))
+
+    def dense(self, keras_name: str, prefix: str) -> None:
+        w = self.take(keras_name)
+        self._put(prefix, {"weight": layouts.dense(w["kernel"]),
+                           "bias": torch.from_numpy(np.ascontiguousarray(w["bias"]))})
+
+    def separable(self, keras_name: str, depthwise_prefix: str, pointwise_prefix: str) -> None:
+        """SeparableConv2D -> depthwise conv + pointwise conv (bias, if any, on the pointwise)."""
+        w = self.take(keras_name)
+        self._put(depthwise_prefix, {"weight": layouts.depthwise(w["depthwise_kernel"])})
+        pointwise = {"weight": layouts.pointwise(w["pointwise_kernel"])}
+        if "bias" in w:
+            pointwise["bias"] = torch.from_numpy(np.ascontiguousarray(w["bias"]))
+        self._put(pointwise_prefix, pointwise)
+
+    def raw(self, key: str, value: torch.Tensor) -> None:
+        if key in self.state_dict:
+            raise LayerMismatchError(f"{self.model_name}: parameter {key} filled twice")
+        self.state_dict[key] = value
+
+    def finish(self) -> Dict[str, torch.Tensor]:
+        unused = [name for name in self.layers if name not in self._used]
+        if unused:
+            raise LayerMismatchError(f"{self.model_name}: Keras layers left unmapped: {unused[:10]}")
+        return self.state_dict
