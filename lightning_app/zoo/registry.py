@@ -7,10 +7,13 @@ the official Keras weight files (URL and md5) with and without the top.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+#: Environment variable naming a mirror of KERAS_BASE_URL (same layout), e.g. an internal server.
+MIRROR_ENV = "KERAS_APPLICATIONS_MIRROR"
 
 #: Keras ``imagenet_utils.preprocess_input`` modes as (mean, std) on [0, 1] RGB input.
 PREPROCESSING: Dict[str, Tuple[Tuple[float, float, float], Tuple[float, float, float], bool]] = {
@@ -32,7 +35,8 @@ class WeightFile:
 
     @property
     def url(self) -> str:
-        return KERAS_BASE_URL + self.path
+        base = os.environ.get(MIRROR_ENV) or KERAS_BASE_URL
+        return base.rstrip("/") + "/" + self.path
 
     @property
     def filename(self) -> str:

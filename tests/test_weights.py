@@ -1,0 +1,156 @@
+"""Weight resolution: cache, download (md5, atomic), conversion, and the offline error."""
+import dataclasses
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from converters import parity
+from converters.keras_models import build_keras_model, import_keras
+from lightning_app.zoo import create_backbone, get_entry
+from lightning_app.zoo import weights as zoo_weights
+from lightning_app.zoo.registry import MIRROR_ENV, WeightFile
+
+ENTRY = get_entry("DenseNet201")
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def notop_file(tmp_path_factory) -> Path:
+    """A legacy notop DenseNet201 .h5 generated here, standing in for the official file."""
+    import_keras().utils.set_random_seed(3)
+    model = build_keras_model(ENTRY, include_top=False, input_size=SIZE)
+    return parity.save_legacy_h5(model, tmp_path_factory.mktemp("official") / ENTRY.notop.filename)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):  # noqa: N802
+        body, declared = self.routes.get(self.path, (None, None))
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(declared or len(body)))
+        self.end_headers()
+        self.wfile.write(body)  # a declared length above len(body) is a transfer cut off midway
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    """A loopback HTTP server acting as the Keras weights host, and an empty cache."""
+    _Handler.routes = {}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{httpd.server_address[1]}/")
+    monkeypatch.setenv(zoo_weights.CACHE_ENV, str(tmp_path / "cache"))
+    yield _Handler.routes
+    httpd.shutdown()
+
+
+def _entry_for(data: bytes, md5: str | None = None):
+    notop = WeightFile(ENTRY.notop.path, md5 or hashlib.md5(data).hexdigest())
+    return dataclasses.replace(ENTRY, notop=notop)
+
+
+def _cache_files(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def test_download_convert_and_cache(server, notop_file, tmp_path):
+    data = notop_file.read_bytes()
+    server["/" + ENTRY.notop.path] = (data, None)
+    entry = _entry_for(data)
+    path = zoo_weights.resolve_imagenet(entry, include_top=False)
+    assert path == zoo_weights.converted_path(entry, False) and path.is_file()
+    assert zoo_weights.keras_file_path(entry, False).read_bytes() == data
+    # Second call: served from the cache, the server is not asked again.
+    server.clear()
+    assert zoo_weights.resolve_imagenet(entry, include_top=False) == path
+    assert zoo_weights.is_cached("DenseNet201", include_top=False)
+    assert not zoo_weights.is_cached("DenseNet201", include_top=True)
+
+
+def test_create_backbone_imagenet_from_cache(server, notop_file, monkeypatch):
+    data = notop_file.read_bytes()
+    server["/" + ENTRY.notop.path] = (data, None)
+    monkeypatch.setattr("lightning_app.zoo.factory.get_entry", lambda name: _entry_for(data))
+    model = create_backbone("DenseNet201", weights="imagenet", num_classes=7).eval()
+    reference = create_backbone("DenseNet201", weights=notop_file, num_classes=0).eval()
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert model(x).shape == (1, 7)
+        assert torch.equal(model.forward_features(x), reference.forward_features(x))
+
+
+def test_md5_mismatch_refused_and_nothing_cached(server, notop_file, tmp_path):
+    data = notop_file.read_bytes()
+    server["/" + ENTRY.notop.path] = (data, None)
+    entry = _entry_for(data, md5="0" * 32)
+    with pytest.raises(zoo_weights.WeightsUnavailableError, match="md5"):
+        zoo_weights.resolve_imagenet(entry, include_top=False)
+    assert _cache_files(tmp_path) == []
+
+
+def test_cut_off_transfer_leaves_no_partial_file(server, notop_file, tmp_path):
+    data = notop_file.read_bytes()
+    half = data[: len(data) // 2]
+    server["/" + ENTRY.notop.path] = (half, len(data))
+    with pytest.raises(zoo_weights.WeightsUnavailableError):
+        zoo_weights.resolve_imagenet(_entry_for(data), include_top=False)
+    assert _cache_files(tmp_path) == []
+
+
+def test_offline_error_names_url_and_path(monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{port}/")
+    monkeypatch.setenv(zoo_weights.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(zoo_weights.WeightsUnavailableError) as err:
+        create_backbone("DenseNet201", weights="imagenet", num_classes=0)
+    message = str(err.value)
+    assert ENTRY.notop.url in message
+    assert str(tmp_path / "cache" / "keras" / ENTRY.notop.filename) in message
+    assert "python -m converters convert" in message
+    assert _cache_files(tmp_path) == []
+
+
+def test_corrupt_cached_h5_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv(zoo_weights.CACHE_ENV, str(tmp_path / "cache"))
+    path = zoo_weights.keras_file_path(ENTRY, include_top=False)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"partial")
+    with pytest.raises(zoo_weights.WeightsUnavailableError, match="md5"):
+        create_backbone("DenseNet201", weights="imagenet", num_classes=0)
+
+
+def test_random_init_and_feature_api():
+    model = create_backbone("DenseNet201", weights=None, num_classes=0).eval()
+    assert model.pretrained_cfg["mean"] == ENTRY.mean
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, SIZE, SIZE)).shape == (1, ENTRY.num_features)
+    import timm
+    features = timm.create_model(ENTRY.timm_arch, features_only=True)
+    assert features.feature_info.channels()[-1] == ENTRY.num_features
+
+
+def test_weights_for_another_model_refused(tmp_path, notop_file):
+    from converters.convert import convert, save_converted
+    converted = save_converted(convert("DenseNet201", notop_file), tmp_path / "dn.safetensors")
+    with pytest.raises(ValueError, match="holds weights for DenseNet201, not InceptionV3"):
+        create_backbone("InceptionV3", weights=converted, num_classes=0)
+
+
+def test_non_zoo_model_has_no_imagenet_weights():
+    with pytest.raises(ValueError, match="not a zoo model"):
+        create_backbone("resnet18", weights="imagenet")
