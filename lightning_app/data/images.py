@@ -1,0 +1,158 @@
+"""Safe image decoding: any file PIL can open becomes 8-bit RGB; anything else is reported, not crashed on.
+
+Two layers:
+
+* :func:`scan_images` runs once per dataset before training (``setup``). The default
+  ``verify="header"`` is cheap (one ``stat`` and one header read per file) and drops
+  zero-byte files, non-images with an image extension and unknown formats.
+  ``verify="full"`` decodes every file and also catches truncated / corrupt pixel data
+  (slow on large sets). ``verify="none"`` skips the scan.
+* :func:`load_rgb` is what workers call per sample. It raises :class:`ImageDecodeError`
+  (naming the file) for anything the scan missed; the dataset turns that into a warning
+  and a deterministic replacement sample (see ``sources.SplitDataset``).
+
+Mode conversion follows Keras (``load_img(color_mode="rgb")`` / ``tf.io.decode_image(channels=3)``):
+alpha is dropped (not composited), grayscale is replicated, CMYK / palette / YCbCr go
+through PIL's RGB conversion, and 16/32-bit integer images are rescaled to 8 bits (PIL's own
+``convert("RGB")`` would clip them to 255). EXIF orientation is not applied (Keras does not).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, List, Literal, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+PathLike = Union[str, os.PathLike]
+Verify = Literal["none", "header", "full"]
+
+#: Extensions indexed as images (Keras' allow-list plus torchvision's), compared lower-case.
+IMG_EXTENSIONS: Tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
+)
+
+_MAX_NAMED = 20  # files named in one warning; the rest are counted
+
+
+class ImageDecodeError(RuntimeError):
+    """A file could not be decoded as an image; ``path`` names it."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        super().__init__(f"cannot decode image {os.fspath(path)!r}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
+def is_image_file(name: str) -> bool:
+    """True for a non-hidden file name with an image extension."""
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to an ``(H, W, 3)`` uint8 array."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (PNG/TIFF) or 32-bit integer grayscale: rescale the 16-bit range to 8 bits.
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr, 0, 65535) / 257.0
+        gray = np.rint(arr).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0  # float images in [0, 1]
+        gray = np.rint(np.clip(np.nan_to_num(arr), 0, 255)).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning; alpha dropped next
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:  # defensive: should not happen after convert("RGB")
+        raise ValueError(f"unexpected array shape {arr.shape} after RGB conversion")
+    return arr
+
+
+def load_rgb(path: PathLike) -> np.ndarray:
+    """Decode ``path`` to an ``(H, W, 3)`` uint8 RGB array; :class:`ImageDecodeError` on failure."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageDecodeError(path, "file is empty (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # forces the full decode: truncated data raises here
+                arr = to_rgb_array(img)
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError) as err:
+        raise ImageDecodeError(path, f"{type(err).__name__}: {err}") from err
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageDecodeError(path, f"image has zero size {arr.shape[:2]}")
+    return arr
+
+
+def check_image(path: PathLike, verify: Verify = "header") -> Union[str, None]:
+    """Why ``path`` is unusable (a short reason), or ``None`` if it passes the ``verify`` level."""
+    if verify == "none":
+        return None
+    try:
+        if os.path.getsize(path) == 0:
+            return "file is empty (0 bytes)"
+        if verify == "full":
+            load_rgb(path)
+            return None
+        with Image.open(path) as img:
+            w, h = img.size
+        if w == 0 or h == 0:
+            return f"image has zero size {(h, w)}"
+    except ImageDecodeError as err:
+        return err.reason
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def scan_images(paths: Sequence[PathLike], verify: Verify = "header") -> Tuple[List[int], List[Tuple[str, str]]]:
+    """Check every path; return (indices of usable files, [(bad path, reason), ...]).
+
+    Emits one ``UserWarning`` naming the skipped files (the first 20, then a count).
+    """
+    if verify not in ("none", "header", "full"):
+        raise ValueError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
+    good: List[int] = []
+    bad: List[Tuple[str, str]] = []
+    for i, p in enumerate(paths):
+        reason = check_image(p, verify)
+        if reason is None:
+            good.append(i)
+        else:
+            bad.append((os.fspath(p), reason))
+    if bad:
+        warn_skipped(bad)
+    return good, bad
+
+
+def warn_skipped(bad: Iterable[Tuple[str, str]]) -> None:
+    """One warning listing skipped files and why."""
+    bad = list(bad)
+    lines = [f"  {p}: {r}" for p, r in bad[:_MAX_NAMED]]
+    more = f"\n  ... and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
+    warnings.warn(
+        f"skipping {len(bad)} unreadable image file(s):\n" + "\n".join(lines) + more,
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def relpath_or_abs(path: PathLike, root: PathLike) -> str:
+    """``path`` relative to ``root`` when inside it (for stable fingerprints), else absolute."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    try:
+        return p.relative_to(r).as_posix()
+    except ValueError:
+        return p.as_posix()

@@ -1,0 +1,70 @@
+"""Resize a decoded image to the model's input size, in the CPU workers.
+
+``"squash"`` (default) is what ``keras.utils.image_dataset_from_directory(image_size=...)`` does:
+a plain bilinear resize to (H, W), aspect ratio not kept. ``"crop"`` is Keras'
+``crop_to_aspect_ratio=True``: take the largest centred window with the target aspect ratio,
+then resize it (the same geometry as "resize the shorter side, then centre crop").
+
+``antialias=False`` (default) matches ``tf.image.resize(method="bilinear")`` (half-pixel centres,
+no antialiasing), the Keras default; ``True`` gives PIL-like antialiased downscaling.
+Unlike Keras, the result is rounded back to uint8 (difference <= 0.5/255 per pixel).
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+ResizeMode = Literal["squash", "crop"]
+ImageSize = Union[int, Sequence[int]]
+
+
+def as_hw(image_size: ImageSize) -> Tuple[int, int]:
+    """``224`` or ``(224, 224)`` or ``[h, w]`` -> ``(h, w)`` with positive ints."""
+    if isinstance(image_size, int):
+        hw = (image_size, image_size)
+    else:
+        hw = tuple(int(s) for s in image_size)
+        if len(hw) != 2:
+            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+    if min(hw) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def center_crop_box(h: int, w: int, target_hw: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """(top, left, height, width) of the largest centred window with the target aspect ratio."""
+    th, tw = target_hw
+    crop_h = min(h, max(1, int(round(w * th / tw))))
+    crop_w = min(w, max(1, int(round(h * tw / th))))
+    top = (h - crop_h) // 2
+    left = (w - crop_w) // 2
+    return top, left, crop_h, crop_w
+
+
+def resize_image(
+    image: Union[np.ndarray, torch.Tensor],
+    size: Tuple[int, int],
+    mode: ResizeMode = "squash",
+    antialias: bool = False,
+) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 array (or ``(3, H, W)`` uint8 tensor) -> ``(3, *size)`` uint8 tensor."""
+    if mode not in ("squash", "crop"):
+        raise ValueError(f"resize must be 'squash' or 'crop', got {mode!r}")
+    if isinstance(image, np.ndarray):
+        # numpy's HWC -> CHW copy (a channels-last tensor makes resize / contiguous() very slow on CPU);
+        # np.array(copy=True): the result never shares memory with the caller's array
+        image = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True))
+    else:
+        image = image.clone(memory_format=torch.contiguous_format)
+    h, w = image.shape[-2:]
+    if mode == "crop":
+        top, left, ch, cw = center_crop_box(h, w, size)
+        image = image[:, top:top + ch, left:left + cw]
+        h, w = ch, cw
+    if (h, w) != tuple(size):
+        return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=antialias).contiguous()
+    return image.contiguous()
