@@ -1,7 +1,8 @@
 """Building blocks for mappings: put Keras layers into a timm state dict."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+import re
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -77,3 +78,15 @@ class StateDictBuilder:
         if unused:
             raise LayerMismatchError(f"{self.model_name}: Keras layers left unmapped: {unused[:10]}")
         return self.state_dict
+
+
+def auto_named(layers: KerasLayers, base: str) -> List[str]:
+    """Keras auto-named layers ``base``, ``base_1``, ``base_2``, ... sorted into creation order."""
+    pattern = re.compile(rf"{re.escape(base)}(?:_(\d+))?$")
+    found = [(int(m.group(1) or 0), name) for name in layers if (m := pattern.match(name))]
+    return [name for _, name in sorted(found)]
+
+
+def block_count(layers: KerasLayers, stage: int) -> int:
+    """Number of ``conv{stage}_block{i}`` blocks (Keras ResNet / DenseNet naming)."""
+    return max(int(m.group(1)) for n in layers if (m := re.match(rf"conv{stage}_block(\d+)_1_conv$", n)))

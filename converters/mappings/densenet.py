@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from converters.align import KerasLayers
-from converters.mappings.common import StateDictBuilder
+from converters.mappings.common import StateDictBuilder, block_count
 
 
 def to_timm(layers: KerasLayers, include_top: bool) -> dict:
@@ -13,8 +13,7 @@ def to_timm(layers: KerasLayers, include_top: bool) -> dict:
     b.bn("conv1_bn", "features.norm0")
     blocks = sorted({int(m.group(1)) for n in layers if (m := re.match(r"conv(\d+)_block\d+_1_conv$", n))})
     for stage_index, stage in enumerate(blocks, start=1):
-        depth = max(int(m.group(1)) for n in layers if (m := re.match(rf"conv{stage}_block(\d+)_1_conv$", n)))
-        for i in range(1, depth + 1):
+        for i in range(1, block_count(layers, stage) + 1):
             keras, timm = f"conv{stage}_block{i}", f"features.denseblock{stage_index}.denselayer{i}"
             b.bn(f"{keras}_0_bn", f"{timm}.norm1")
             b.conv(f"{keras}_1_conv", f"{timm}.conv1")

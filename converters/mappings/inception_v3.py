@@ -10,12 +10,11 @@ already undid that, so this mapping works on names only.
 """
 from __future__ import annotations
 
-import re
 from typing import List
 
 from converters.align import KerasLayers
 from converters.errors import LayerMismatchError
-from converters.mappings.common import StateDictBuilder
+from converters.mappings.common import StateDictBuilder, auto_named
 
 _A = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3", "branch_pool"]
 _B = ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"]
@@ -33,13 +32,6 @@ def timm_conv_blocks() -> List[str]:
     """timm ``ConvNormAct`` prefixes of InceptionV3 in module registration order."""
     stem = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
     return stem + [f"{block}.{branch}" for block, branches in _BLOCKS for branch in branches]
-
-
-def auto_named(layers: KerasLayers, base: str) -> List[str]:
-    """Keras auto-named layers ``base``, ``base_1``, ``base_2``, ... sorted into creation order."""
-    pattern = re.compile(rf"{re.escape(base)}(?:_(\d+))?$")
-    found = [(int(m.group(1) or 0), name) for name in layers if (m := pattern.match(name))]
-    return [name for _, name in sorted(found)]
 
 
 def pair_auto_named(b: StateDictBuilder, prefixes: List[str], model_name: str) -> None:

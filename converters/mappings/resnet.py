@@ -6,21 +6,16 @@ Every Keras conv has a bias; it folds into the BatchNorm that follows it.
 """
 from __future__ import annotations
 
-import re
 
 from converters.align import KerasLayers
-from converters.mappings.common import StateDictBuilder
-
-
-def _depth(layers: KerasLayers, stage: int) -> int:
-    return max(int(m.group(1)) for n in layers if (m := re.match(rf"conv{stage}_block(\d+)_1_conv$", n)))
+from converters.mappings.common import StateDictBuilder, block_count
 
 
 def to_timm(layers: KerasLayers, include_top: bool) -> dict:
     b = StateDictBuilder(layers, "ResNet")
     b.conv_bias_into_bn("conv1_conv", "conv1", "conv1_bn", "bn1")
     for stage in (2, 3, 4, 5):
-        for i in range(1, _depth(layers, stage) + 1):
+        for i in range(1, block_count(layers, stage) + 1):
             keras, timm = f"conv{stage}_block{i}", f"layer{stage - 1}.{i - 1}"
             if f"{keras}_0_conv" in layers:
                 b.conv_bias_into_bn(f"{keras}_0_conv", f"{timm}.downsample.0", f"{keras}_0_bn", f"{timm}.downsample.1")

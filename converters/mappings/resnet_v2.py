@@ -8,25 +8,20 @@ Dense -> timm's 1x1 conv classifier ``head.fc``.
 """
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import torch
 
 from converters import layouts
 from converters.align import KerasLayers
-from converters.mappings.common import StateDictBuilder
-
-
-def _depth(layers: KerasLayers, stage: int) -> int:
-    return max(int(m.group(1)) for n in layers if (m := re.match(rf"conv{stage}_block(\d+)_1_conv$", n)))
+from converters.mappings.common import StateDictBuilder, block_count
 
 
 def to_timm(layers: KerasLayers, include_top: bool) -> dict:
     b = StateDictBuilder(layers, "ResNetV2")
     b.conv("conv1_conv", "stem.conv")
     for stage in (2, 3, 4, 5):
-        for i in range(1, _depth(layers, stage) + 1):
+        for i in range(1, block_count(layers, stage) + 1):
             keras, timm = f"conv{stage}_block{i}", f"stages.{stage - 2}.blocks.{i - 1}"
             b.bn(f"{keras}_preact_bn", f"{timm}.norm1")
             if f"{keras}_0_conv" in layers:

@@ -8,17 +8,10 @@ paired with the strided blocks in creation order (Keras blocks 2, 3, 4, 13).
 """
 from __future__ import annotations
 
-import re
 
 from converters.align import KerasLayers
 from converters.errors import LayerMismatchError
-from converters.mappings.common import StateDictBuilder
-
-
-def _auto_index(name: str, base: str) -> int | None:
-    """``conv2d`` -> 0, ``conv2d_3`` -> 3 (fresh-session auto names), else None."""
-    m = re.fullmatch(rf"{base}(?:_(\d+))?", name)
-    return None if m is None else int(m.group(1) or 0)
+from converters.mappings.common import StateDictBuilder, auto_named
 
 
 def to_timm(layers: KerasLayers, include_top: bool) -> dict:
@@ -28,13 +21,13 @@ def to_timm(layers: KerasLayers, include_top: bool) -> dict:
     b.conv("block1_conv2", "conv2")
     b.bn("block1_conv2_bn", "bn2")
 
-    residual_convs = sorted((i, n) for n in layers if (i := _auto_index(n, "conv2d")) is not None)
-    residual_bns = sorted((i, n) for n in layers if (i := _auto_index(n, "batch_normalization")) is not None)
+    residual_convs = auto_named(layers, "conv2d")
+    residual_bns = auto_named(layers, "batch_normalization")
     strided_blocks = [k for k in range(2, 14) if f"block{k}_sepconv1" in layers and f"block{k}_sepconv3" not in layers]
     if not (len(residual_convs) == len(residual_bns) == len(strided_blocks)):
         raise LayerMismatchError(f"Xception: {len(residual_convs)} residual convs, {len(residual_bns)} residual BNs "
                                  f"for {len(strided_blocks)} strided blocks")
-    residual = {k: (c, bn) for k, (_, c), (_, bn) in zip(strided_blocks, residual_convs, residual_bns)}
+    residual = {k: (c, bn) for k, c, bn in zip(strided_blocks, residual_convs, residual_bns)}
 
     for k in range(2, 14):
         timm_block = f"block{k - 1}"
