@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import torch
 import torch.nn as nn
 
 from lightning_app.zoo.registry import WeightFile, ZooEntry
