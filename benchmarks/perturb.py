@@ -349,28 +349,26 @@ def sample_images(size: int, count: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _time(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
-
-
-def run(size: int, batch: int, severity: int, table: str, names: List[str], reps: int, ref_budget: float) -> List[dict]:
+def run(
+    size: int, batch: int, severity: int, table: str, names: List[str], reps: int, ref_budget: float, device: str = "cpu"
+) -> List[dict]:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent), str(here)]
+    from _timing import images_per_second
+
     from lightning_app.perturb import CORRUPTIONS, corrupt, corruption_params
 
     images = sample_images(size, batch)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
     indices = torch.arange(batch)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     rows = []
     for name in names:
         p = corruption_params(name, severity, table, size=(size, size))
-        t_ours = _time(lambda: corrupt(x, name, severity, indices, table=table), reps) / batch
-        ours = corrupt(x, name, severity, indices, table=table).permute(0, 2, 3, 1).numpy()
+        t_ours = 1.0 / images_per_second(lambda: (corrupt(x, name, severity, indices, table=table), sync()), batch, reps)
+        ours = corrupt(x, name, severity, indices, table=table).permute(0, 2, 3, 1).cpu().numpy()
         ref_fn = REFERENCE[name]
         rs = np.random.RandomState(0)
         start = time.perf_counter()
@@ -399,8 +397,9 @@ def run(size: int, batch: int, severity: int, table: str, names: List[str], reps
     return rows
 
 
-def print_table(size: int, severity: int, table: str, threads: int, rows: List[dict]) -> None:
-    print(f"\n## {table} table, severity {severity}, {size}x{size}, torch threads {threads}")
+def print_table(size: int, severity: int, table: str, threads: int, rows: List[dict], device: str = "cpu") -> None:
+    print(f"\n## {table} table, severity {severity}, {size}x{size}, ours on {device} (torch threads {threads}), "
+          "reference per image on the CPU")
     head = f"| {'corruption':<18} | exact | ours img/s | ref img/s | speedup | mean abs change ours / ref | max abs diff |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -424,6 +423,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (numpy reference is single-threaded)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ref-budget", type=float, default=2.0, help="seconds of reference timing per corruption")
+    parser.add_argument("--device", default="cpu", help="device for ours, e.g. cuda (the reference always runs on the CPU)")
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 rep, 0.5 s reference budget")
     args = parser.parse_args(argv)
     import torch
@@ -433,8 +433,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     names = args.names or list(REFERENCE)
     for size in args.size:
-        rows = run(size, args.batch, args.severity, args.table, names, args.reps, args.ref_budget)
-        print_table(size, args.severity, args.table, args.threads, rows)
+        rows = run(size, args.batch, args.severity, args.table, names, args.reps, args.ref_budget, args.device)
+        print_table(size, args.severity, args.table, args.threads, rows, args.device)
 
 
 if __name__ == "__main__":

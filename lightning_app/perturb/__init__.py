@@ -1,0 +1,42 @@
+"""Robustness perturbations in [0, 1] RGB pixel space, batched on any device.
+
+* Corruptions: ImageNet-C / CIFAR-10-C (Hendrycks & Dietterich 2019), 5 severities each::
+
+      from lightning_app.perturb import corrupt, suite, CORRUPTIONS
+      for name, severity in suite():            # ("clean", 0), ("gaussian_noise", 1), ...
+          x_c = corrupt(x, name, severity, indices=batch_indices, seed=0, table="imagenet")
+
+  ``CORRUPTIONS[name].exact`` is False for approximations (``snow``, ``frost``); see ``.note``.
+* Attacks: ``fgsm`` / ``pgd`` (L-inf) against a model that maps [0, 1] images to logits
+  (normalisation inside the model, e.g. ``nn.Sequential(Normalize(mean, std), backbone)``).
+"""
+from .attacks import Normalize, fgsm, pgd
+from .registry import (
+    BENCHMARK_CORRUPTIONS,
+    CLEAN,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    SEVERITIES,
+    Corruption,
+    corrupt,
+    corruption_params,
+    suite,
+)
+from .tables import TABLES, SeverityTable
+
+__all__ = [
+    "BENCHMARK_CORRUPTIONS",
+    "CLEAN",
+    "CORRUPTIONS",
+    "EXTRA_CORRUPTIONS",
+    "SEVERITIES",
+    "TABLES",
+    "Corruption",
+    "Normalize",
+    "SeverityTable",
+    "corrupt",
+    "corruption_params",
+    "fgsm",
+    "pgd",
+    "suite",
+]
