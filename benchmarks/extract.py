@@ -9,9 +9,10 @@ inference optimisation added in turn, so the table shows what each buys:
   +inference     torch.inference_mode + channels_last memory format
   +bn-fold       torch.jit.trace + freeze (folds BatchNorm into convolutions)
   +onednn        torch.jit.optimize_for_inference (oneDNN / MKLDNN kernels on CPU)
-  +compile       torch.compile (inductor), only with --compile
+  +compile       torch.compile (inductor) with weight freezing: BN folding and oneDNN weight prepacking
+                 at compile time (skip with --no-compile; compiling takes ~30 s per model on 2 cores)
 
-Usage: python benchmarks/extract.py [--models InceptionV3 Xception] [--batch 16] [--repeats 3] [--compile]
+Usage: python benchmarks/extract.py [--models InceptionV3 Xception] [--batch 16] [--repeats 3] [--no-compile]
 Each Keras backend runs in its own subprocess (a Keras backend is fixed per process).
 """
 from __future__ import annotations
@@ -96,6 +97,9 @@ def our_variants(model, example, use_compile: bool):
         onednn = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(cl_model, x_cl)))
     variants.append(("+onednn", lambda: onednn(x_cl)))
     if use_compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # constant-fold weights: BN folding, oneDNN weight prepacking
         compiled = torch.compile(cl_model)
 
         def compiled_step():
@@ -138,7 +142,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--h5", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--save", action="store_true", help=argparse.SUPPRESS)
