@@ -1,0 +1,120 @@
+"""``python -m lightning_app {fit,validate,test,predict} --config configs/<name>.yaml``.
+
+A :class:`~pytorch_lightning.cli.LightningCLI` over :class:`~lightning_app.module.TransferModule`
+and any LightningDataModule (``data.class_path``), with:
+
+* ``data.num_classes`` linked into ``model.num_classes`` (read right after the DataModule's ``__init__``);
+* always-on callbacks configurable from YAML: ``checkpoint`` (ModelCheckpoint on ``val_acc``, plus
+  ``last.ckpt``) and ``report`` (:class:`~lightning_app.reports.TrainingReport`);
+* ``features``: feature-cache settings used when ``model.stage == "extract"``: ``fit`` first extracts
+  (or reuses) the train / val features with the same Trainer (so DDP shards the extraction), then trains
+  the head on them; validate / test / predict run the full model on images;
+* ``test_after_fit``: run ``test`` on the image DataModule with the best checkpoint after ``fit``;
+* ``predict`` writes ``reports/predictions.csv``;
+* the config is saved next to the logs, overwriting (``save_config_kwargs={"overwrite": True}``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_app.data.features import DEFAULT_CACHE_DIR, prepare_feature_datamodule
+from lightning_app.module import TransferModule
+from lightning_app.reports import PredictionCSVWriter, TrainingReport, report_dir
+
+
+@dataclass
+class FeatureOptions:
+    """Feature cache settings (used by ``fit`` when ``model.stage`` is ``extract``).
+
+    Attributes:
+        cache_dir: where cached features live (one sub-directory per backbone and key).
+        batch_size: head-training batch size on features (default: ``data.batch_size``).
+        extract_batch_size: batch size of the extraction pass (default: ``data.batch_size``).
+        in_memory: copy cached features into RAM instead of reading the memory map.
+        rebuild: ignore an existing cache and extract again.
+    """
+
+    cache_dir: str = DEFAULT_CACHE_DIR
+    batch_size: Optional[int] = None
+    extract_batch_size: Optional[int] = None
+    in_memory: bool = False
+    rebuild: bool = False
+
+
+DEFAULT_TRAINER: Dict[str, Any] = {
+    "default_root_dir": "runs",
+    "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+}
+
+
+class TransferCLI(LightningCLI):
+    """LightningCLI for transfer learning (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", DEFAULT_TRAINER)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the module builds its own param groups
+        self._image_datamodule: Optional[pl.LightningDataModule] = None
+        super().__init__(TransferModule, pl.LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_class_arguments(FeatureOptions, "features")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, test the best checkpoint on the image test split")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val_acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "epoch{epoch:03d}-val_acc{val_acc:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(TrainingReport, "report")
+
+    # ------------------------------------------------------------------ subcommand hooks
+    def before_fit(self) -> None:
+        self._image_datamodule = self.datamodule
+        if getattr(self.model, "stage", None) != "extract":
+            return
+        opts: FeatureOptions = self._get(self.config_init, "features")
+        self.datamodule = prepare_feature_datamodule(
+            self.trainer, self.model, self.datamodule, splits=("train", "val"), cache_dir=opts.cache_dir,
+            batch_size=opts.batch_size, extract_batch_size=opts.extract_batch_size, in_memory=opts.in_memory,
+            rebuild=opts.rebuild,
+        )
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit", False):
+            return
+        if self.trainer.interrupted:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        ckpt_path = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
+        results = self.trainer.test(self.model, datamodule=self._image_datamodule or self.datamodule,
+                                    ckpt_path=ckpt_path)
+        if results:
+            acc = results[0].get("test_acc")
+            rank_zero_info(
+                f"held-out test accuracy {acc:.4f} ({'best checkpoint' if ckpt_path else 'final weights'}); "
+                f"reports in {report_dir(self.trainer)}"
+            )
+
+    def before_predict(self) -> None:
+        if not any(isinstance(cb, PredictionCSVWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionCSVWriter())
+
+
+def main(args: Optional[list] = None) -> TransferCLI:
+    """Entry point of ``python -m lightning_app``."""
+    return TransferCLI(args=args)
+
+
+__all__ = ["DEFAULT_TRAINER", "FeatureOptions", "TransferCLI", "main"]

@@ -1,0 +1,311 @@
+"""Per-run reports: learning curves, confusion matrix, a grid of test predictions, prediction CSVs.
+
+Everything is drawn with matplotlib's object API on the Agg canvas (no pyplot, no global
+backend change, no display needed) and written atomically (temporary file + ``os.replace``).
+
+:class:`TrainingReport` (a callback) writes into ``<log_dir>/reports/``:
+
+* ``history.csv`` and ``curves.png``: train / val loss and accuracy per epoch (rewritten each epoch);
+* at test: ``confusion_matrix.csv`` / ``.png`` and ``test_predictions.png`` (images with predicted
+  and true labels, wrong ones in red); with several test dataloaders one set per dataloader
+  (suffix ``_dl<i>``). Under DDP, predictions are gathered and de-duplicated by dataset index
+  (the distributed sampler pads the last batch with repeats).
+
+The metrics CSV itself is the CSVLogger's ``metrics.csv`` in the same log directory.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+
+# ----------------------------------------------------------------------------- io helpers
+def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write(path, buf.getvalue())
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(header)
+    w.writerows(rows)
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_curves(history: Sequence[Dict[str, float]], path: Union[str, os.PathLike]) -> Path:
+    """Loss and accuracy per epoch, train and val, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            pts = [(h["epoch"], h[f"{split}_{metric}"]) for h in history if h.get(f"{split}_{metric}") is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, label=split, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        ax.set_title("accuracy" if metric == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save_figure(fig, path)
+
+
+def confusion_matrix(preds: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``[true, pred]``."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(target, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
+    return cm
+
+
+def write_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], csv_path: Union[str, os.PathLike],
+                           png_path: Union[str, os.PathLike]) -> Tuple[Path, Path]:
+    """CSV (rows = true class, columns = predicted class) and a PNG (row-normalised colours, counts)."""
+    from matplotlib.figure import Figure
+
+    names = list(class_names)
+    rows = [[names[i]] + cm[i].tolist() for i in range(len(names))]
+    atomic_write(csv_path, _csv_text(["true \\ predicted"] + names, rows))
+
+    n = len(names)
+    size = min(4 + 0.45 * n, 30)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    fs = max(4, 10 - n // 10)
+    ax.set_xticklabels(names, rotation=90, fontsize=fs)
+    ax.set_yticklabels(names, fontsize=fs)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"confusion matrix ({cm.sum()} images, accuracy {acc:.3f})")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=fs,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    return Path(csv_path), _save_figure(fig, png_path)
+
+
+def plot_prediction_grid(images: torch.Tensor, preds: Sequence[int], target: Sequence[int],
+                         class_names: Sequence[str], path: Union[str, os.PathLike]) -> Path:
+    """Images ``[N, 3, H, W]`` in [0, 1] with ``pred / true`` titles (red when wrong)."""
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    cols = min(8, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(1.8 * cols, 2.0 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    names = list(class_names) or [str(i) for i in range(max(list(preds) + list(target)) + 1)]
+    for ax, img, p, t in zip(axes, images, preds, target):
+        arr = img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        ax.imshow(arr, interpolation="nearest")
+        ok = int(p) == int(t)
+        ax.set_title(f"pred {names[int(p)]}\ntrue {names[int(t)]}", fontsize=7, color="black" if ok else "red")
+    return _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- callback
+def _class_names(trainer: "pl.Trainer", num_classes: int) -> List[str]:
+    dm = getattr(trainer, "datamodule", None)
+    names = list(getattr(dm, "class_names", []) or [])
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def report_dir(trainer: "pl.Trainer", dirname: str = "reports") -> Path:
+    """``<log_dir>/<dirname>`` (the logger's directory, else ``default_root_dir``).
+
+    Call it on every rank: ``trainer.log_dir`` is a broadcast under DDP."""
+    base = trainer.log_dir or trainer.default_root_dir
+    return Path(base) / dirname
+
+
+class TrainingReport(Callback):
+    """Writes learning curves during fit and confusion matrix / prediction grid at test.
+
+    Args:
+        dirname: sub-directory of the log directory.
+        grid_size: number of test images in the prediction grid (0 disables it).
+    """
+
+    def __init__(self, dirname: str = "reports", grid_size: int = 32) -> None:
+        super().__init__()
+        self.dirname = dirname
+        self.grid_size = grid_size
+        self.history: List[Dict[str, float]] = []
+        self._test: Dict[int, Dict[str, List[torch.Tensor]]] = {}
+        self.written: List[Path] = []
+
+    # -- fit
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))
+             and (k.startswith("train_") or k.startswith("val_"))}
+        row = {"epoch": trainer.current_epoch, **m}
+        self.history = [h for h in self.history if h["epoch"] != row["epoch"]] + [row]
+        out = report_dir(trainer, self.dirname)  # collective: every rank
+        if trainer.is_global_zero:
+            keys = sorted({k for h in self.history for k in h if k != "epoch"})
+            rows = [[h["epoch"]] + [h.get(k, "") for k in keys] for h in self.history]
+            self.written.append(atomic_write(out / "history.csv", _csv_text(["epoch"] + keys, rows)))
+            self.written.append(plot_curves(self.history, out / "curves.png"))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    # -- test
+    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._test = {}
+
+    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not isinstance(outputs, dict) or "preds" not in outputs:
+            return
+        store = self._test.setdefault(dataloader_idx, {"preds": [], "target": [], "index": [], "images": []})
+        store["preds"].append(outputs["preds"].detach().cpu())
+        store["target"].append(outputs["target"].detach().cpu())
+        if "index" in outputs:
+            store["index"].append(outputs["index"].detach().cpu())
+        x = batch[0]
+        have = sum(len(i) for i in store["images"])
+        if self.grid_size and x.ndim == 4 and have < self.grid_size:
+            store["images"].append(x[: self.grid_size - have].detach().float().cpu())
+
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        num_classes = int(getattr(pl_module, "num_classes", 0) or 0)
+        n_loaders = max(len(self._test), 1)
+        out = report_dir(trainer, self.dirname)  # collective: every rank
+        for dl in sorted(self._test):
+            s = self._test[dl]
+            preds, target = torch.cat(s["preds"]), torch.cat(s["target"])
+            index = torch.cat(s["index"]) if s["index"] else None
+            if trainer.world_size > 1:
+                preds, target, index = self._gather(trainer, preds, target, index)
+            if not trainer.is_global_zero:
+                continue
+            if index is not None:  # drop the distributed sampler's padding repeats
+                _, first = np.unique(index.numpy(), return_index=True)
+                preds, target = preds[first], target[first]
+            k = num_classes or int(max(preds.max(), target.max())) + 1
+            names = _class_names(trainer, k)
+            suffix = f"_dl{dl}" if n_loaders > 1 else ""
+            cm = confusion_matrix(preds.numpy(), target.numpy(), k)
+            self.written += list(write_confusion_matrix(cm, names, out / f"confusion_matrix{suffix}.csv",
+                                                        out / f"confusion_matrix{suffix}.png"))
+            if s["images"]:
+                imgs = torch.cat(s["images"])
+                n = len(imgs)
+                local_p = torch.cat(s["preds"])[:n]
+                local_t = torch.cat(s["target"])[:n]
+                self.written.append(plot_prediction_grid(imgs, local_p.tolist(), local_t.tolist(), names,
+                                                         out / f"test_predictions{suffix}.png"))
+
+    @staticmethod
+    def _gather(trainer: "pl.Trainer", preds: torch.Tensor, target: torch.Tensor,
+                index: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        import torch.distributed as dist
+
+        payload = (preds, target, index)
+        gathered: List[Any] = [None] * trainer.world_size
+        dist.all_gather_object(gathered, payload)
+        preds = torch.cat([g[0] for g in gathered])
+        target = torch.cat([g[1] for g in gathered])
+        index = torch.cat([g[2] for g in gathered]) if all(g[2] is not None for g in gathered) else None
+        return preds, target, index
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """``predictions.csv`` (index, predicted class, its name, probability) for ``predict`` runs; rank 0 merges
+    all ranks and sorts by dataset index."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = path
+        self._rows: List[Tuple[int, int, float]] = []
+
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._rows = []
+
+    def write_on_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        if not isinstance(prediction, dict) or "probs" not in prediction:
+            return
+        probs = prediction["probs"].detach().float().cpu()
+        conf, pred = probs.max(dim=1)
+        if "index" in prediction:
+            index = prediction["index"].cpu().tolist()
+        else:
+            index = list(batch_indices or range(len(pred)))
+        self._rows += list(zip(index, pred.tolist(), conf.tolist()))
+
+    def on_predict_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        rows = self._rows
+        default_path = report_dir(trainer) / "predictions.csv"  # collective: every rank
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: List[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [r for g in gathered for r in g]
+        if not trainer.is_global_zero:
+            return
+        rows = sorted(dict((r[0], r) for r in rows).values())
+        names = _class_names(trainer, int(getattr(pl_module, "num_classes", 0) or 0) or 1 + max((r[1] for r in rows), default=0))
+        path = Path(self.path) if self.path else default_path
+        atomic_write(path, _csv_text(["index", "pred", "pred_name", "prob"],
+                                     [(i, p, names[p] if p < len(names) else p, f"{c:.6f}") for i, p, c in rows]))
+
+
+__all__ = [
+    "PredictionCSVWriter",
+    "TrainingReport",
+    "atomic_write",
+    "confusion_matrix",
+    "plot_curves",
+    "plot_prediction_grid",
+    "report_dir",
+    "write_confusion_matrix",
+]

@@ -1,0 +1,182 @@
+"""TransferModule: normalisation as first layer, forward on images or features, stages, param groups,
+weights resolution, metrics."""
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_app.data import ArrayDataModule
+from lightning_app.module import IMAGENET_IF_CACHED, Normalize, TransferModule, build_head, resolve_weights
+from lightning_app.zoo import preprocessing
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def tiny_data(classes=3, n=36):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % classes
+    images = (rng.random((n, 8, 8, 3)) * 255).astype(np.uint8)
+    return ArrayDataModule(images, labels, [str(i) for i in range(classes)], image_size=32, batch_size=6,
+                           val_split=0.2, test_split=0.2, num_workers=0)
+
+
+def test_normalisation_is_the_first_layer_with_the_backbone_preprocessing():
+    m = TransferModule("test_resnet", 3, weights=None)
+    mean, std = preprocessing("test_resnet")
+    assert list(m.children())[0] is m.normalize
+    x = torch.rand(2, 3, 32, 32)
+    expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(m.normalize(x), expected)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.head(m.backbone(expected)))
+
+
+def test_zoo_preprocessing_is_keras_mode():
+    n = Normalize(*preprocessing("InceptionV3"))  # Keras "tf" mode: x / 127.5 - 1
+    x = torch.rand(1, 3, 4, 4)
+    torch.testing.assert_close(n(x), x * 2 - 1)
+
+
+def test_forward_images_and_features():
+    m = TransferModule("test_resnet", 5, weights=None, hidden=[16, 8], dropout=0.2).eval()
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    assert m(torch.rand(2, m.num_features)).shape == (2, 5)
+    with pytest.raises(ValueError, match="expected images"):
+        m(torch.rand(2, 3, 32))
+    with pytest.raises(TypeError, match="float images"):
+        m(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_head_layout():
+    head = build_head(10, [6, 4], 0.5, 3)
+    kinds = [type(l).__name__ for l in head]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [type(l).__name__ for l in build_head(10, [], 0.3, 3)] == ["Dropout", "Linear"]
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="stage"):
+        TransferModule("test_resnet", 3, weights=None, stage="frozen")
+    with pytest.raises(ValueError, match="num_classes"):
+        TransferModule("test_resnet", 1, weights=None)
+
+
+@pytest.mark.parametrize("stage, trainable_backbone", [("extract", False), ("head", False), ("finetune", True)])
+def test_stages_set_the_trainable_set(stage, trainable_backbone):
+    m = TransferModule("test_resnet", 3, weights=None, stage=stage).train()
+    assert all(p.requires_grad == trainable_backbone for p in m.backbone.parameters())
+    assert all(p.requires_grad for p in m.head.parameters())
+    bns = [x for x in m.backbone.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+    assert all(bn.training == trainable_backbone for bn in bns)  # frozen BN stays in inference mode
+
+
+def test_param_groups_and_layer_decay():
+    m = TransferModule("resnet18", 3, weights=None, stage="finetune", lr=0.1, backbone_lr_scale=0.5,
+                       layer_decay=0.5, optimizer=torch.optim.SGD)
+    opt = m.configure_optimizers()
+    lrs = [g["lr"] for g in opt.param_groups]
+    n = len(m.layer_groups)
+    assert len(lrs) == 1 + n == 10
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.05)  # top backbone group: lr * backbone_lr_scale
+    assert lrs[1] == pytest.approx(0.05 * 0.5 ** (n - 1))  # stem: decayed n-1 times
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert len(params) == len(list(m.parameters())) == len({id(p) for p in params})  # every param, once
+
+
+def test_optimizer_lr_is_used_when_model_lr_is_none():
+    from functools import partial
+
+    m = TransferModule("test_resnet", 3, weights=None, optimizer=partial(torch.optim.Adam, lr=0.02),
+                       backbone_lr_scale=0.1, stage="finetune")
+    opt = m.configure_optimizers()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("stage", ["extract", "head"])
+def test_frozen_stages_optimize_only_the_head(stage):
+    m = TransferModule("test_resnet", 3, weights=None, stage=stage)
+    opt = m.configure_optimizers()
+    assert [g["name"] for g in opt.param_groups] == ["head"]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in m.head.parameters()}
+
+
+def test_plateau_scheduler_monitors_val_loss():
+    from functools import partial
+
+    m = TransferModule("test_resnet", 3, weights=None,
+                       scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=1))
+    cfg = m.configure_optimizers()
+    assert cfg["lr_scheduler"]["monitor"] == "val_loss"
+
+
+def test_weights_imagenet_if_cached(monkeypatch):
+    import lightning_app.zoo.weights as zw
+
+    monkeypatch.setattr(zw, "is_cached", lambda name, include_top: True)
+    assert resolve_weights("ResNet50", IMAGENET_IF_CACHED) == "imagenet"
+    monkeypatch.setattr(zw, "is_cached", lambda name, include_top: False)
+    with pytest.warns(UserWarning, match="RANDOM initialisation"):
+        assert resolve_weights("ResNet50", IMAGENET_IF_CACHED) is None
+    with pytest.warns(UserWarning, match="not a zoo model"):
+        assert resolve_weights("test_resnet", IMAGENET_IF_CACHED) is None
+    assert resolve_weights("ResNet50", "imagenet") == "imagenet"  # explicit: errors surface in create_backbone
+    assert resolve_weights("ResNet50", None) is None
+    with pytest.warns(UserWarning, match="RANDOM"):
+        m = TransferModule("test_resnet", 3, weights=IMAGENET_IF_CACHED)
+    assert not m.pretrained
+
+
+@pytest.mark.parametrize("classes, top5", [(3, False), (7, True)])
+def test_metrics_logged_per_split(tmp_path, classes, top5):
+    m = TransferModule("test_resnet", classes, weights=None, stage="head")
+    t = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    dm = tiny_data(classes, n=7 * classes)
+    t.fit(m, dm)
+    keys = set(t.callback_metrics)
+    for split in ("train", "val"):
+        assert {f"{split}_loss", f"{split}_acc", f"{split}_f1"} <= keys
+        assert (f"{split}_top5" in keys) == top5
+    res = t.test(m, dm, verbose=False)[0]
+    assert {"test_loss", "test_acc", "test_f1"} <= set(res)
+    assert 0.0 <= res["test_acc"] <= 1.0
+    # the logged epoch accuracy equals the accuracy recomputed from predictions
+    dm.predict_split = "test"
+    preds = t.predict(m, datamodule=dm)
+    p = torch.cat([o["preds"] for o in preds])
+    y = torch.as_tensor(dm.dataset("test").labels)
+    assert res["test_acc"] == pytest.approx((p == y).float().mean().item(), abs=1e-6)
+
+
+def test_steps_per_execution_matches_one_step_per_batch(tmp_path):
+    """K optimizer steps per Lightning step (manual optimization) = the same training as K=1."""
+    from functools import partial
+
+    from lightning_app.data.features import FeatureDataModule, FeatureSet
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 96)).astype(np.float32)  # 50 rows: the last chunk and batch are partial
+    labels = (feats[:, 0] > 0).astype(np.int64) + (feats[:, 1] > 0)
+    states = []
+    for k in (1, 4):
+        pl.seed_everything(0)
+        m = TransferModule("test_resnet", 3, weights=None, stage="extract", hidden=[8], steps_per_execution=k,
+                           optimizer=partial(torch.optim.Adam, lr=1e-2),
+                           scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+        dm = FeatureDataModule(FeatureSet(feats, labels, None), num_classes=3, batch_size=6, steps_per_execution=k)
+        t = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        t.fit(m, dm)
+        assert t.global_step == 2 * 9  # optimizer steps, either way
+        assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)  # scheduler stepped per epoch
+        states.append((m.head.state_dict(), t.callback_metrics["train_loss"].item()))
+    for key in states[0][0]:
+        torch.testing.assert_close(states[0][0][key], states[1][0][key], rtol=1e-5, atol=1e-6)
+    assert states[0][1] == pytest.approx(states[1][1], rel=1e-5)
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        TransferModule("test_resnet", 3, weights=None, stage="head", steps_per_execution=2)

@@ -1,0 +1,112 @@
+"""Reports: confusion matrix numbers and files, curves, prediction grid, the callback end to end."""
+import csv
+import warnings
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from lightning_app.data import ArrayDataModule
+from lightning_app.module import TransferModule
+from lightning_app.reports import (
+    PredictionCSVWriter,
+    TrainingReport,
+    confusion_matrix,
+    plot_curves,
+    plot_prediction_grid,
+    write_confusion_matrix,
+)
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_confusion_matrix_counts_and_files(tmp_path):
+    cm = confusion_matrix(np.array([0, 1, 1, 2, 2, 2]), np.array([0, 1, 2, 2, 2, 0]), 3)
+    np.testing.assert_array_equal(cm, [[1, 0, 1], [0, 1, 0], [0, 1, 2]])  # rows true, cols predicted
+    c, p = write_confusion_matrix(cm, ["cat", "dog", "eel"], tmp_path / "cm.csv", tmp_path / "cm.png")
+    rows = read_csv(c)
+    assert rows[0] == ["true \\ predicted", "cat", "dog", "eel"]
+    assert rows[3] == ["eel", "0", "1", "2"]
+    assert p.read_bytes().startswith(PNG)
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_curves_and_grid(tmp_path):
+    hist = [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.5, "val_acc": 0.4},
+            {"epoch": 1, "train_loss": 0.5, "val_loss": 0.8, "train_acc": 0.8}]
+    assert plot_curves(hist, tmp_path / "c.png").read_bytes().startswith(PNG)
+    g = plot_prediction_grid(torch.rand(5, 3, 8, 8), [0, 1, 1, 0, 1], [0, 1, 0, 0, 1], ["a", "b"], tmp_path / "g.png")
+    assert g.read_bytes().startswith(PNG)
+
+
+def test_training_report_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 4
+    images = (rng.random((40, 8, 8, 3)) * 60 + labels[:, None, None, None] * 50).astype(np.uint8)
+    dm = ArrayDataModule(images, labels, ["w", "x", "y", "z"], image_size=32, batch_size=8, val_split=0.2,
+                         test_split=0.25, num_workers=0)
+    model = TransferModule("test_resnet", 4, weights=None, stage="finetune", lr=1e-2)
+    report = TrainingReport(grid_size=6)
+    logger = CSVLogger(tmp_path, name="run")
+    t = pl.Trainer(accelerator="cpu", max_epochs=2, logger=logger, callbacks=[report], enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False)
+    t.fit(model, dm)
+    t.test(model, dm, verbose=False)
+    out = tmp_path / "run" / "version_0" / "reports"
+    hist = read_csv(out / "history.csv")
+    header = hist[0]
+    assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc"} <= set(header)
+    assert [r[0] for r in hist[1:]] == ["0", "1"]
+    assert all(r[header.index("train_acc")] and r[header.index("val_acc")] for r in hist[1:])
+    for name in ("curves.png", "confusion_matrix.png", "test_predictions.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    cm = read_csv(out / "confusion_matrix.csv")
+    assert cm[0][1:] == ["w", "x", "y", "z"]
+    counts = np.array([[int(v) for v in r[1:]] for r in cm[1:]])
+    assert counts.sum() == len(dm.dataset("test")) == 8
+    np.testing.assert_array_equal(counts.sum(axis=1), np.bincount(dm.dataset("test").labels, minlength=4))
+    acc = np.trace(counts) / counts.sum()
+    assert abs(acc - t.callback_metrics["test_acc"].item()) < 1e-6
+    metrics = read_csv(tmp_path / "run" / "version_0" / "metrics.csv")  # the CSVLogger's metrics file
+    assert "val_acc" in metrics[0] and "train_loss" in metrics[0]
+
+
+def test_report_drops_distributed_padding_repeats(tmp_path):
+    """Duplicated dataset indices (DistributedSampler padding) are counted once."""
+    report = TrainingReport(grid_size=0)
+
+    class T:
+        world_size, is_global_zero, log_dir, default_root_dir, datamodule = 1, True, str(tmp_path), str(tmp_path), None
+
+    class M:
+        num_classes = 2
+
+    report.on_test_epoch_start(T, M)
+    batch = (torch.zeros(3, 5), torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    out = {"preds": torch.tensor([0, 1, 0]), "target": torch.tensor([0, 1, 0]), "index": torch.tensor([0, 1, 0])}
+    report.on_test_batch_end(T, M, out, batch, 0)
+    report.on_test_epoch_end(T, M)
+    counts = np.array([[int(v) for v in r[1:]] for r in read_csv(tmp_path / "reports" / "confusion_matrix.csv")[1:]])
+    assert counts.sum() == 2
+
+
+def test_prediction_csv_writer(tmp_path):
+    rng = np.random.default_rng(0)
+    dm = ArrayDataModule((rng.random((12, 8, 8, 3)) * 255).astype(np.uint8), np.arange(12) % 3, ["a", "b", "c"],
+                         image_size=32, batch_size=5, val_split=0.0, test_split=0.0, num_workers=0, predict_split="train")
+    model = TransferModule("test_resnet", 3, weights=None)
+    path = tmp_path / "pred.csv"
+    t = pl.Trainer(accelerator="cpu", logger=False, callbacks=[PredictionCSVWriter(str(path))],
+                   enable_progress_bar=False, enable_model_summary=False)
+    t.predict(model, datamodule=dm, return_predictions=False)
+    rows = read_csv(path)
+    assert rows[0] == ["index", "pred", "pred_name", "prob"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(12))
+    assert all(r[2] in "abc" and 0 < float(r[3]) <= 1 for r in rows[1:])
