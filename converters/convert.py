@@ -1,7 +1,6 @@
 """Convert a Keras weight file into a timm state dict and save it as safetensors."""
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -18,6 +17,7 @@ from converters.h5 import read_keras_weights
 from converters.layouts import flip_input_channels
 from converters.manifest import load_manifest
 from lightning_app.zoo.registry import ZooEntry, get_entry
+from lightning_app.zoo.weights import file_digest
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -30,14 +30,6 @@ class Converted:
     @property
     def include_top(self) -> bool:
         return self.metadata["include_top"] == "true"
-
-
-def sha256_of(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _mapping(entry: ZooEntry):
@@ -87,7 +79,7 @@ def convert(model: str, h5_path: os.PathLike | str) -> Converted:
         "timm_arch": entry.timm_arch,
         "include_top": "true" if include_top else "false",
         "source_file": Path(h5_path).name,
-        "source_sha256": sha256_of(h5_path),
+        "source_sha256": file_digest(h5_path, "sha256"),
         "source_layout": weights.layout,
         "preprocessing_mode": entry.mode,
         "mean": json.dumps(entry.mean),

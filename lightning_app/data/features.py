@@ -40,6 +40,8 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_app.zoo.weights import file_digest, state_dict_digest
+
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/keras_lightning_zoo/features"
 _FEATURES, _LABELS, _META = "features.npy", "labels.npy", "meta.json"
@@ -60,14 +62,6 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def key_digest(key: Dict[str, Any]) -> str:
@@ -121,7 +115,7 @@ class FeatureStore:
         if hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest() != meta.get("labels_sha256"):
             raise CacheInvalid("labels checksum mismatch")
         size = (self.dir / _FEATURES).stat().st_size
-        if size <= self.verify_bytes and _sha256_file(self.dir / _FEATURES) != meta.get("features_sha256"):
+        if size <= self.verify_bytes and file_digest(self.dir / _FEATURES, "sha256") != meta.get("features_sha256"):
             raise CacheInvalid("features checksum mismatch")
         return FeatureSet(features, np.asarray(labels), self.dir)
 
@@ -223,7 +217,7 @@ class FeatureStore:
             "dim": dim,
             "features_bytes": (self.dir / _FEATURES).stat().st_size,
             "labels_bytes": (self.dir / _LABELS).stat().st_size,
-            "features_sha256": _sha256_file(self.dir / _FEATURES),
+            "features_sha256": file_digest(self.dir / _FEATURES, "sha256"),
             "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels_arr).tobytes()).hexdigest(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -344,7 +338,6 @@ class FeatureShardWriter(BasePredictionWriter):
 # ----------------------------------------------------------------------------- key
 def backbone_digest(backbone: nn.Module) -> str:
     """sha256 of the backbone's state dict (weights and BatchNorm statistics)."""
-    from lightning_app.zoo.weights import state_dict_digest
 
     return state_dict_digest(backbone.state_dict())
 

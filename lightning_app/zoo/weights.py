@@ -46,12 +46,10 @@ def is_cached(name: str, include_top: bool) -> bool:
     return converted_path(entry, include_top).is_file() or keras_file_path(entry, include_top).is_file()
 
 
-def md5_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
+def file_digest(path: Union[str, os.PathLike], algorithm: str) -> str:
+    """Hex digest of a file, read in chunks (``algorithm``: ``"md5"``, ``"sha256"``, ...)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _progress(total: Optional[int], description: str) -> Callable[[int], None]:
@@ -93,7 +91,7 @@ def download(url: str, dest: Path, md5: Optional[str], timeout: float = 60.0) ->
                 advance(-1)
             if total is not None and received != total:
                 raise WeightsUnavailableError(f"download of {url} was cut off after {received} of {total} bytes")
-        if md5 is not None and (got := md5_of(tmp)) != md5:
+        if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
             raise WeightsUnavailableError(f"{url}: md5 {got} does not match the expected {md5}; "
                                           "the file is corrupt or not the official one, nothing was cached")
         os.replace(tmp, dest)
@@ -128,7 +126,7 @@ def resolve_imagenet(entry: ZooEntry, include_top: bool) -> Path:
     h5 = keras_file_path(entry, include_top)
     wf = entry.weight_file(include_top)
     if h5.is_file():
-        if (got := md5_of(h5)) != wf.md5:
+        if (got := file_digest(h5, "md5")) != wf.md5:
             raise WeightsUnavailableError(
                 f"{h5} has md5 {got}, not the official {wf.md5}: delete it (it will be downloaded again) "
                 f"or convert it explicitly with python -m converters convert"
