@@ -11,12 +11,18 @@ and any LightningDataModule (``data.class_path``), with:
   the head on them; validate / test / predict run the full model on images;
 * ``test_after_fit``: run ``test`` on the image DataModule with the best checkpoint after ``fit``;
 * ``predict`` writes ``reports/predictions.csv``;
+* with ``--ckpt_path`` (a checkpoint file, not ``last`` / ``best`` / ...) the model is built with
+  ``weights=None``: the checkpoint's state dict replaces every weight, so ``model.weights`` (``imagenet``,
+  ``imagenet_if_cached`` or a file, also when it comes from the checkpoint's own hyperparameters) is not
+  resolved -- no download attempt, no misleading "random initialisation" warning. The module's ``hparams``
+  keep the configured value;
 * the config is saved next to the logs, overwriting (``save_config_kwargs={"overwrite": True}``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -53,6 +59,20 @@ DEFAULT_TRAINER: Dict[str, Any] = {
 }
 
 
+#: ``ckpt_path`` values that Lightning resolves itself and that may resolve to no checkpoint (``fit`` then
+#: starts from the model's own weights, so ``model.weights`` must still apply)
+_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def checkpoint_supplies_weights(ckpt_path: Union[str, Path, None]) -> bool:
+    """Whether ``ckpt_path`` names a checkpoint file (local or remote) whose state dict will replace the
+    model's weights; ``None`` and Lightning's keywords (``last``, ``best``, ``hpc``, ``registry[:...]``) do not."""
+    if ckpt_path is None or str(ckpt_path) == "":
+        return False
+    text = str(ckpt_path)
+    return text not in _CKPT_KEYWORDS and not text.startswith("registry:")
+
+
 class TransferCLI(LightningCLI):
     """LightningCLI for transfer learning (see the module docstring)."""
 
@@ -78,6 +98,24 @@ class TransferCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(TrainingReport, "report")
+
+    def instantiate_classes(self) -> None:
+        """Builds the model with ``weights=None`` when a checkpoint file supplies the weights (module docstring)."""
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        model_cfg = cfg.get("model")
+        configured = model_cfg.get("weights") if model_cfg is not None else None
+        if configured is None or not checkpoint_supplies_weights(cfg.get("ckpt_path")):
+            super().instantiate_classes()
+            return
+        rank_zero_info(f"model.weights={configured!r} not loaded: the weights come from {cfg.ckpt_path}")
+        model_cfg.weights = None
+        try:
+            super().instantiate_classes()
+        finally:
+            model_cfg.weights = configured  # the saved config.yaml keeps the configured value
+        if isinstance(self.model, TransferModule):
+            self.model.hparams["weights"] = configured  # and so do the checkpoints this run writes
 
     # ------------------------------------------------------------------ subcommand hooks
     def before_fit(self) -> None:
@@ -117,4 +155,4 @@ def main(args: Optional[list] = None) -> TransferCLI:
     return TransferCLI(args=args)
 
 
-__all__ = ["DEFAULT_TRAINER", "FeatureOptions", "TransferCLI", "main"]
+__all__ = ["DEFAULT_TRAINER", "FeatureOptions", "TransferCLI", "checkpoint_supplies_weights", "main"]

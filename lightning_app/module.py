@@ -123,11 +123,17 @@ def resolve_weights(backbone: str, weights: Optional[str]) -> Optional[str]:
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """top-1 / top-5 accuracy and macro F1 as one collection, with ``compute_groups=False``.
+
+    torchmetrics' compute groups merge metrics whose states happen to be equal after the first update
+    (e.g. top-1 and top-5 when every sample of the first batch is right) and from then on update only the
+    group's first metric, so the others report its value (wrong in one process, and mis-synced under DDP).
+    """
     metrics: Dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     metrics["f1"] = MulticlassF1Score(num_classes, average="macro")
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 class TransferModule(pl.LightningModule):

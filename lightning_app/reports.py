@@ -7,9 +7,12 @@ backend change, no display needed) and written atomically (temporary file + ``os
 
 * ``history.csv`` and ``curves.png``: train / val loss and accuracy per epoch (rewritten each epoch);
 * at test: ``confusion_matrix.csv`` / ``.png`` and ``test_predictions.png`` (images with predicted
-  and true labels, wrong ones in red); with several test dataloaders one set per dataloader
-  (suffix ``_dl<i>``). Under DDP, predictions are gathered and de-duplicated by dataset index
-  (the distributed sampler pads the last batch with repeats).
+  and true labels, wrong ones in red). With several test dataloaders the files get the suffix
+  ``_dl<i>`` and, by default, only dataloader 0 (the clean test split of a robustness run) gets
+  them; ``per_dataloader=True`` (YAML: ``report.per_dataloader: true``) writes one set per
+  dataloader (a robustness run has ~80 loaders: that many confusion matrices, 1000 x 1000 on
+  ImageNet). Under DDP, predictions are gathered and de-duplicated by dataset index (the
+  distributed sampler pads the last batch with repeats).
 
 The metrics CSV itself is the CSVLogger's ``metrics.csv`` in the same log directory.
 """
@@ -164,12 +167,16 @@ class TrainingReport(Callback):
     Args:
         dirname: sub-directory of the log directory.
         grid_size: number of test images in the prediction grid (0 disables it).
+        per_dataloader: with several test dataloaders, write a confusion matrix and a prediction grid for
+            every one of them; ``False`` (default): for dataloader 0 only (files suffixed ``_dl0``), the
+            others' predictions are not even collected.
     """
 
-    def __init__(self, dirname: str = "reports", grid_size: int = 32) -> None:
+    def __init__(self, dirname: str = "reports", grid_size: int = 32, per_dataloader: bool = False) -> None:
         super().__init__()
         self.dirname = dirname
         self.grid_size = grid_size
+        self.per_dataloader = per_dataloader
         self.history: List[Dict[str, float]] = []
         self._test: Dict[int, Dict[str, List[torch.Tensor]]] = {}
         self.written: List[Path] = []
@@ -203,6 +210,8 @@ class TrainingReport(Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         if not isinstance(outputs, dict) or "preds" not in outputs:
             return
+        if dataloader_idx != 0 and not self.per_dataloader:
+            return
         store = self._test.setdefault(dataloader_idx, {"preds": [], "target": [], "index": [], "images": []})
         store["preds"].append(outputs["preds"].detach().cpu())
         store["target"].append(outputs["target"].detach().cpu())
@@ -215,7 +224,8 @@ class TrainingReport(Callback):
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         num_classes = int(getattr(pl_module, "num_classes", 0) or 0)
-        n_loaders = max(len(self._test), 1)
+        # loaders of this test run (not only those collected: with per_dataloader=False that is loader 0 alone)
+        n_loaders = max(len(getattr(trainer, "num_test_batches", None) or []), len(self._test), 1)
         out = report_dir(trainer, self.dirname)  # collective: every rank
         for dl in sorted(self._test):
             s = self._test[dl]

@@ -125,3 +125,67 @@ def test_quickstart_reaches_stated_accuracy_and_writes_reports(tmp_path):
     with open(pred_csv) as f:
         rows = list(csv.reader(f))
     assert len(rows) == 1 + 359 and rows[0][:2] == ["index", "pred"]
+
+
+def _checkpoint_with_weights(tmp_path, backbone, weights, fit=False):
+    """A checkpoint of ``backbone`` (random init) whose hyper-parameters say ``weights`` (as after a fit from
+    ImageNet weights)."""
+    import pytorch_lightning as pl
+    import torch
+
+    from lightning_app.data import DigitsDataModule
+    from lightning_app.module import TransferModule
+
+    model = TransferModule(backbone, num_classes=10, weights=None, stage="head")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    if fit:
+        trainer.fit(model, DigitsDataModule(image_size=32, batch_size=8, num_workers=0))
+    else:
+        trainer.strategy.connect(model)
+    path = tmp_path / f"{backbone}.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["hyper_parameters"]["weights"] = weights
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("weights", ["imagenet", "imagenet_if_cached"])
+def test_ckpt_path_does_not_resolve_imagenet_weights(weights, tmp_path, monkeypatch):
+    """``test --ckpt_path`` of a model fitted from ImageNet weights, offline with an empty weight cache: the
+    checkpoint supplies every weight, so nothing is downloaded and nothing warns about random init."""
+    import lightning_app.zoo.weights as zw
+
+    ckpt = _checkpoint_with_weights(tmp_path, "ResNet50", weights)
+    monkeypatch.setenv("KERAS_ZOO_CACHE", str(tmp_path / "empty_cache"))
+    assert not zw.is_cached("ResNet50", include_top=False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download ImageNet weights")
+
+    monkeypatch.setattr(zw, "download", no_download)
+    monkeypatch.setattr(zw, "resolve_imagenet", no_download)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*RANDOM initialisation.*")
+        cli = run("test", "--config", CONFIGS / "quickstart.yaml", *common(tmp_path), "--ckpt_path", ckpt,
+                  "--model.weights", "imagenet", "--trainer.limit_test_batches", 1,
+                  "--data.init_args.batch_size", 4, "--report.grid_size", 0)
+    assert cli.model.backbone_name == "ResNet50" and cli.model.weights_used is None
+    assert cli.model.hparams["weights"] == weights  # the configured value is kept for the record
+    assert "test_acc" in cli.trainer.callback_metrics
+
+
+def test_fit_resume_from_ckpt_path_ignores_weights(tmp_path):
+    """``fit --ckpt_path`` resumes (one more step) even though the checkpoint's ``weights`` cannot be resolved
+    (test_resnet has no ImageNet weights: building it with weights='imagenet' would raise)."""
+    from lightning_app.cli import checkpoint_supplies_weights
+
+    assert checkpoint_supplies_weights("a.ckpt") and checkpoint_supplies_weights("s3://bucket/a.ckpt")
+    assert not any(checkpoint_supplies_weights(p) for p in (None, "", "last", "best", "hpc", "registry:m:v1"))
+    ckpt = _checkpoint_with_weights(tmp_path, "test_resnet", "imagenet", fit=True)
+    cli = run("fit", "--config", CONFIGS / "quickstart.yaml", *common(tmp_path), "--ckpt_path", ckpt,
+              "--trainer.max_steps", 2, "--trainer.limit_val_batches", 1, "--test_after_fit", "false",
+              "--data.init_args.batch_size", 8)
+    assert cli.model.backbone_name == "test_resnet" and cli.model.weights_used is None
+    assert cli.trainer.global_step == 2  # resumed at step 1

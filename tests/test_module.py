@@ -131,6 +131,22 @@ def test_weights_imagenet_if_cached(monkeypatch):
     assert not m.pretrained
 
 
+def test_metric_collection_does_not_merge_top1_and_top5():
+    """torchmetrics compute groups would merge top-1 and top-5 after a first batch where both agree, and then
+    report top-1 for top-5 (and mis-sync it under DDP): the collection must keep them apart."""
+    from lightning_app.module import _metrics
+
+    m = _metrics(10, "test_")
+    m.update(torch.eye(10)[:4] * 5, torch.arange(4))  # all right: top-1 and top-5 states identical
+    logits = torch.zeros(4, 10)
+    logits[:, 0] = 3.0
+    logits[torch.arange(4), torch.arange(1, 5)] = 2.0  # top-1 wrong, top-5 right
+    m.update(logits, torch.arange(1, 5))
+    res = m.compute()
+    assert res["test_acc"].item() == pytest.approx(0.5)
+    assert res["test_top5"].item() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("classes, top5", [(3, False), (7, True)])
 def test_metrics_logged_per_split(tmp_path, classes, top5):
     m = TransferModule("test_resnet", classes, weights=None, stage="head")

@@ -110,3 +110,26 @@ def test_prediction_csv_writer(tmp_path):
     assert rows[0] == ["index", "pred", "pred_name", "prob"]
     assert [int(r[0]) for r in rows[1:]] == list(range(12))
     assert all(r[2] in "abc" and 0 < float(r[3]) <= 1 for r in rows[1:])
+
+
+def _two_loader_test(tmp_path, **report_kwargs):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    loaders = [DataLoader(TensorDataset(torch.rand(6, 3, 16, 16, generator=g), torch.arange(6) % 3), batch_size=4)
+               for _ in range(2)]
+    model = TransferModule("test_resnet", 3, weights=None)
+    report = TrainingReport(grid_size=4, **report_kwargs)
+    t = pl.Trainer(accelerator="cpu", logger=False, callbacks=[report], enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path)
+    t.test(model, dataloaders=loaders, verbose=False)
+    return sorted(p.name for p in (tmp_path / "reports").iterdir())
+
+
+def test_report_writes_loader_0_only_by_default(tmp_path):
+    """Several test dataloaders (a robustness run has ~80): confusion matrix and grid of loader 0 only."""
+    assert _two_loader_test(tmp_path / "default") == ["confusion_matrix_dl0.csv", "confusion_matrix_dl0.png",
+                                                      "test_predictions_dl0.png"]
+    assert _two_loader_test(tmp_path / "all", per_dataloader=True) == sorted(
+        f"{stem}_dl{i}.{ext}" for i in (0, 1) for stem, ext in (("confusion_matrix", "csv"), ("confusion_matrix", "png"),
+                                                                ("test_predictions", "png")))

@@ -245,5 +245,4 @@ def test_ddp_counts_every_image_once_and_matches_one_process(checkpoints, tmp_pa
         assert int(d["n"]) == 15
         if r.kind != "attack":  # attacks: gradients differ in the last bits with the batch composition
             assert float(d["top1"]) == pytest.approx(r.top1, abs=1e-6), r.perturbation
-        # top-5 is not compared: TransferModule's MetricCollection (compute_groups=True) mis-syncs top-5 under DDP
-        # (0.33 instead of 0.47 here; correct with compute_groups=False) -- reported, module.py is not ours.
+            assert float(d["top5"]) == pytest.approx(r.top5, abs=1e-6), r.perturbation
