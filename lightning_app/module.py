@@ -30,29 +30,13 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_app.finetune import LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all, layer_groups
+from lightning_app.zoo.normalize import Normalize
 
 Stage = Literal["extract", "head", "finetune"]
 STAGES: Tuple[str, ...] = ("extract", "head", "finetune")
 
 #: ``weights`` value: Keras ImageNet weights when already in the local cache, else random init.
 IMAGENET_IF_CACHED = "imagenet_if_cached"
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel on [0, 1] RGB input: the backbone's Keras preprocessing."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            raise TypeError(f"expected float images in [0, 1], got {x.dtype} (convert uint8 with x.float() / 255)")
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"mean={[round(v, 4) for v in self.mean.flatten().tolist()]}, std={[round(v, 4) for v in self.std.flatten().tolist()]}"
 
 
 class FeatureNet(nn.Module):

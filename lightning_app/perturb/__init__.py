@@ -10,7 +10,9 @@
 * Attacks: ``fgsm`` / ``pgd`` (L-inf) against a model that maps [0, 1] images to logits
   (normalisation inside the model, e.g. ``nn.Sequential(Normalize(mean, std), backbone)``).
 """
-from .attacks import Normalize, fgsm, pgd
+from lightning_app.zoo.normalize import Normalize
+
+from .attacks import fgsm, pgd
 from .registry import (
     BENCHMARK_CORRUPTIONS,
     CLEAN,

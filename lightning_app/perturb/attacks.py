@@ -23,25 +23,6 @@ from ._rng import SampleRNG
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, with mean and std given on the [0, 1] scale."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"mean and std differ in length: {len(mean)} vs {len(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-    def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
-
-
 def _sum_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="sum")
 
