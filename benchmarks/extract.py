@@ -159,21 +159,22 @@ def main() -> None:
 
     from lightning_app.zoo import list_models
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, native sizes, CPU")
-    rows = [bench_model(name, args) for name in (args.models or list_models())]
-    ours_cols = [c for c in rows[0] if c.startswith(("eager", "+"))]
-    diff_cols = [c for c in rows[0] if c.startswith("diff ")]
-    header = (f"| model | Keras-TF img/s | Keras-torch img/s | " + " | ".join(f"ours {c}" for c in ours_cols)
-              + " | best / Keras-TF |")
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for r in rows:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, native sizes, CPU",
+          flush=True)
+    header = None
+    for name in args.models or list_models():
+        r = bench_model(name, args)  # one row at a time: a long run still leaves its finished rows
+        ours_cols = [c for c in r if c.startswith(("eager", "+"))]
+        if header is None:
+            header = ("| model | Keras-TF img/s | Keras-torch img/s | " + " | ".join(f"ours {c}" for c in ours_cols)
+                      + " | best / Keras-TF | max rel. diff vs Keras-TF |")
+            print(header)
+            print("|" + "---|" * (header.count("|") - 1))
         best = max(r[c] for c in ours_cols)
         cells = " | ".join(f"{r[c]:.2f}" for c in ours_cols)
-        print(f"| {r['model']} | {r['keras_tf']:.2f} | {r['keras_torch']:.2f} | {cells} | {best / r['keras_tf']:.2f}x |")
-    print("\nmax |ours - Keras-TF| / max |Keras-TF| on the first two images, per variant:")
-    for r in rows:
-        print(f"  {r['model']}: " + ", ".join(f"{c[5:]} {r[c]:.1e}" for c in diff_cols))
+        diff = max(r[f"diff {c}"] for c in ours_cols)
+        print(f"| {r['model']} | {r['keras_tf']:.2f} | {r['keras_torch']:.2f} | {cells} | "
+              f"{best / r['keras_tf']:.2f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
