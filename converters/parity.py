@@ -158,3 +158,22 @@ def run_random_parity(entry: ZooEntry, workdir: os.PathLike | str, input_size: O
         ours = timm_outputs(load_into_timm(entry, out), images, entry, include_top)
         reports.append(compare(entry, keras_outputs(keras_model, images, entry.mode), ours, include_top, size))
     return reports
+
+
+def verify_file(entry: ZooEntry, h5_path: os.PathLike | str, input_size: Optional[int] = None,
+                num_images: int = 2) -> ParityReport:
+    """Keras loading ``h5_path`` itself vs our conversion of the same file, on real images."""
+    import tempfile
+
+    from converters.convert import convert, save_converted
+    from converters.keras_models import build_keras_model
+
+    converted = convert(entry.keras_name, h5_path)
+    size = input_size or entry.input_size
+    keras_model = build_keras_model(entry, converted.include_top, size)
+    keras_model.load_weights(str(h5_path))
+    images = sample_images(size, num_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = load_into_timm(entry, save_converted(converted, Path(tmp) / "converted.safetensors"))
+        ours_out = timm_outputs(ours, images, entry, converted.include_top)
+    return compare(entry, keras_outputs(keras_model, images, entry.mode), ours_out, converted.include_top, size)

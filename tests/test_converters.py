@@ -165,6 +165,15 @@ def test_list_cli(capsys):
     assert len(list_models()) == 8
 
 
+def test_cli_verify_compares_keras_loading_the_same_file(keras_densenet, capsys):
+    """`python -m converters verify --h5 FILE`: Keras loads the file itself; ours converts it."""
+    code = converters_main(["verify", "--model", "DenseNet201", "--h5", str(keras_densenet["legacy"]),
+                            "--size", str(SIZE)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "DenseNet201 top @64" in out and "(ok" in out
+
+
 def test_cli_reports_errors_cleanly(tmp_path, capsys):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"nope")
