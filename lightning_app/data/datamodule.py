@@ -13,7 +13,7 @@ from lightning_app.data.errors import DatasetLayoutError, DatasetNotFoundError
 from lightning_app.data.filesets import FileList, build_file_splits
 from lightning_app.data.folders import find_classes, index_class_folders, resolve_split_dir
 from lightning_app.data.food import Food101DataModule
-from lightning_app.data.images import Verify
+from lightning_app.data.images import Verify, check_verify_mode
 from lightning_app.data.resize import ImageSize, ResizeMode
 from lightning_app.data.sources import SplitDataset
 
@@ -79,8 +79,7 @@ class ImageFolderDataModule(BaseImageDataModule):
             resize=resize, antialias=antialias, seed=seed, predict_split=predict_split,
             drop_last=drop_last, pin_memory=pin_memory,
         )
-        if verify not in ("none", "header", "full"):
-            raise ValueError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
+        check_verify_mode(verify)
         if not (0 <= val_split < 1 and 0 <= test_split < 1 and val_split + test_split < 1):
             raise ValueError(f"val_split={val_split}, test_split={test_split}: each in [0, 1), sum < 1")
         self.root = Path(os.path.expanduser(root))

@@ -10,7 +10,7 @@ from lightning_app.data.augment import AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
 from lightning_app.data.errors import DatasetLayoutError, DatasetNotFoundError
 from lightning_app.data.filesets import build_file_splits
-from lightning_app.data.images import Verify
+from lightning_app.data.images import Verify, check_verify_mode
 from lightning_app.data.resize import ImageSize, ResizeMode
 from lightning_app.data.sources import SplitDataset
 
@@ -137,8 +137,7 @@ class Food101DataModule(BaseImageDataModule):
             resize=resize, antialias=antialias, seed=seed, predict_split=predict_split,
             drop_last=drop_last, pin_memory=pin_memory,
         )
-        if verify not in ("none", "header", "full"):
-            raise ValueError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
+        check_verify_mode(verify)
         self.root = Path(os.path.expanduser(root))
         self.base = self.root / FOOD101_FOLDER
         self.val_split = float(val_split)

@@ -117,13 +117,19 @@ def check_image(path: PathLike, verify: Verify = "header") -> Union[str, None]:
     return None
 
 
+def check_verify_mode(verify: str) -> Verify:
+    """Validate a ``verify`` argument (``"none"``, ``"header"`` or ``"full"``)."""
+    if verify not in ("none", "header", "full"):
+        raise ValueError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
+    return verify
+
+
 def scan_images(paths: Sequence[PathLike], verify: Verify = "header") -> Tuple[List[int], List[Tuple[str, str]]]:
     """Check every path; return (indices of usable files, [(bad path, reason), ...]).
 
     Emits one ``UserWarning`` naming the skipped files (the first 20, then a count).
     """
-    if verify not in ("none", "header", "full"):
-        raise ValueError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
+    check_verify_mode(verify)
     good: List[int] = []
     bad: List[Tuple[str, str]] = []
     for i, p in enumerate(paths):
