@@ -22,7 +22,6 @@ import csv
 import io
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -31,21 +30,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
 
+from lightning_app.atomic import atomic_write
+
 # ----------------------------------------------------------------------------- io helpers
-def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

@@ -40,6 +40,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_app.atomic import atomic_write
 from lightning_app.zoo.weights import file_digest, state_dict_digest
 
 CACHE_VERSION = 1
@@ -49,19 +50,6 @@ _FEATURES, _LABELS, _META = "features.npy", "labels.npy", "meta.json"
 
 class CacheInvalid(Exception):
     """A cache directory exists but cannot be used (the message says why)."""
-
-
-# ----------------------------------------------------------------------------- files
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def key_digest(key: Dict[str, Any]) -> str:
@@ -221,7 +209,7 @@ class FeatureStore:
             "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels_arr).tobytes()).hexdigest(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _atomic_write_bytes(self.dir / _META, json.dumps(meta, indent=1).encode())
+        atomic_write(self.dir / _META, json.dumps(meta, indent=1).encode())
         shutil.rmtree(shards, ignore_errors=True)
         return self.load(rows)
 
@@ -332,7 +320,7 @@ class FeatureShardWriter(BasePredictionWriter):
             f.close()
         self._files = {}
         info = json.dumps({"rows": self._count, "dim": self._dim}).encode()
-        _atomic_write_bytes(self.shard_dir / f"rank{trainer.global_rank}.json", info)
+        atomic_write(self.shard_dir / f"rank{trainer.global_rank}.json", info)
 
 
 # ----------------------------------------------------------------------------- key

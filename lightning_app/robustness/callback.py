@@ -11,7 +11,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_app.reports import atomic_write, report_dir
+from lightning_app.atomic import atomic_write
+from lightning_app.reports import report_dir
 from lightning_app.robustness.plots import plot_accuracy_vs_severity
 from lightning_app.robustness.results import Result, Table, read_csv, summary, summary_markdown, to_markdown, write_csv
 from lightning_app.robustness.specs import Perturbation

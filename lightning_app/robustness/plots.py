@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from lightning_app.reports import atomic_write
+from lightning_app.atomic import atomic_write
 from lightning_app.robustness.results import APPROX_MARK, Result, accuracy_by_severity, mean_corruption_accuracy
 
 PathLike = Union[str, os.PathLike]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from lightning_app.perturb import BENCHMARK_CORRUPTIONS
-from lightning_app.reports import atomic_write
+from lightning_app.atomic import atomic_write
 
 PathLike = Union[str, os.PathLike]
 APPROX_MARK = "≈"

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from lightning_app.reports import TrainingReport, atomic_write
+from lightning_app.atomic import atomic_write
+from lightning_app.reports import TrainingReport
 from lightning_app.robustness.callback import RobustnessReport
 from lightning_app.robustness.datamodule import RobustnessDataModule
 from lightning_app.robustness.models import SEED_MODELS, ModelSpec, load_module, parse_model_spec, unique_labels
