@@ -21,3 +21,15 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_figure(fig, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
+    """Render a matplotlib ``Figure`` on the Agg canvas (no pyplot, no display) and write it as PNG atomically."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write(path, buf.getvalue())

@@ -30,18 +30,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
 
-from lightning_app.atomic import atomic_write
+from lightning_app.atomic import atomic_write, save_figure
 
 # ----------------------------------------------------------------------------- io helpers
-def _save_figure(fig: Any, path: Union[str, os.PathLike], dpi: int = 110) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write(path, buf.getvalue())
-
-
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = io.StringIO()
     w = csv.writer(out)
@@ -68,7 +59,7 @@ def plot_curves(history: Sequence[Dict[str, float]], path: Union[str, os.PathLik
         ax.set_title("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix(preds: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
@@ -109,7 +100,7 @@ def write_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], csv_path:
                 if cm[i, j]:
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=fs,
                             color="white" if norm[i, j] > 0.5 else "black")
-    return Path(csv_path), _save_figure(fig, png_path)
+    return Path(csv_path), save_figure(fig, png_path)
 
 
 def plot_prediction_grid(images: torch.Tensor, preds: Sequence[int], target: Sequence[int],
@@ -130,7 +121,7 @@ def plot_prediction_grid(images: torch.Tensor, preds: Sequence[int], target: Seq
         ax.imshow(arr, interpolation="nearest")
         ok = int(p) == int(t)
         ax.set_title(f"pred {names[int(p)]}\ntrue {names[int(t)]}", fontsize=7, color="black" if ok else "red")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- callback

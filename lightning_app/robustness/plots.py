@@ -1,25 +1,15 @@
 """Robustness charts (matplotlib object API on the Agg canvas; no pyplot, no global backend change)."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
-from lightning_app.atomic import atomic_write
+from lightning_app.atomic import save_figure
 from lightning_app.robustness.results import APPROX_MARK, Result, accuracy_by_severity, mean_corruption_accuracy
 
 PathLike = Union[str, os.PathLike]
 _STYLES = ("-", "--", "-.", ":")
-
-
-def _save(fig: Any, path: PathLike, dpi: int = 110) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write(path, buf.getvalue())
 
 
 def plot_accuracy_vs_severity(rows: Sequence[Result], path: PathLike, title: Optional[str] = None) -> Path:
@@ -57,7 +47,7 @@ def plot_accuracy_vs_severity(rows: Sequence[Result], path: PathLike, title: Opt
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy under corruption")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(tables: Mapping[str, Sequence[Result]], path: PathLike, title: Optional[str] = None) -> Path:
@@ -107,7 +97,7 @@ def plot_comparison(tables: Mapping[str, Sequence[Result]], path: PathLike, titl
     right.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_accuracy_vs_severity", "plot_comparison"]
