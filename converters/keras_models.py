@@ -13,6 +13,9 @@ from lightning_app.zoo.registry import ZooEntry
 def import_keras():
     """Import Keras 3 on the torch backend (never TensorFlow); clear error if it is missing."""
     backend = os.environ.setdefault("KERAS_BACKEND", "torch")
+    # Keras's torch backend puts every tensor on CUDA when CUDA exists (keras/src/backend/torch/core.py), where
+    # convolutions run in TF32 by default: the reference must be true float32, on the CPU, on every machine.
+    os.environ.setdefault("KERAS_TORCH_DEVICE", "cpu")
     try:
         import keras
     except ImportError as err:

@@ -163,10 +163,11 @@ def test_to_float01():
 def test_cuda_batches_pinned_augmented_on_device():
     dm = _array_dm(image_size=16, num_workers=2, augment=Augment(hflip=0.5, crop_scale=(0.5, 1.0), rotation=10,
                                                                   color_jitter=0.2))
-    assert dm.train_dataloader().pin_memory
+    assert not dm.train_dataloader().pin_memory  # no trainer yet: CUDA merely existing pins nothing
 
     class OnDevice(Recorder):
         def training_step(self, batch, batch_idx):
+            assert self.trainer.train_dataloader.pin_memory  # a CUDA trainer: pinned
             assert batch[0].is_cuda and batch[0].dtype == torch.float32 and batch[1].is_cuda
             return super().training_step(batch, batch_idx)
 

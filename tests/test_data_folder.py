@@ -121,7 +121,8 @@ def test_batches_and_loader_settings(tmp_path):
     assert [i for _, _, idx in dm.train_dataloader() for i in idx.tolist()] == \
         [i for _, _, idx in _dm(tmp_path, image_size=(12, 20), batch_size=4).train_dataloader() for i in idx.tolist()]
     vl = dm.val_dataloader()
-    assert not vl.drop_last and vl.pin_memory == torch.cuda.is_available()
+    assert not vl.drop_last and not vl.pin_memory  # no CUDA trainer attached: nothing to pin for
+    assert _dm(tmp_path, pin_memory=True).val_dataloader().pin_memory
     assert _dm(tmp_path, val_split=0.0).val_dataloader() == []
     with pytest.raises(RuntimeError, match="test_split"):
         dm.test_dataloader()

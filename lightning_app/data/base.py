@@ -84,7 +84,8 @@ class BaseImageDataModule(pl.LightningDataModule):
         predict_split: split served by :meth:`predict_dataloader`: ``train``, ``val``, ``test`` or
             ``all`` (train, val, test concatenated in that order); may be changed between runs.
         drop_last: drop the last incomplete *training* batch (evaluation never drops).
-        pin_memory: ``None`` = pin when CUDA is available.
+        pin_memory: ``None`` = pin when the attached Trainer runs on a CUDA device (not merely when CUDA exists:
+            a CPU run on a GPU machine gains nothing from pinned pages and would initialise CUDA in every process).
 
     Attributes:
         num_classes, class_names: known right after ``__init__``.
@@ -122,7 +123,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.predict_split: Split = _check_split(predict_split)
         self.drop_last = bool(drop_last)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.pin_memory: Optional[bool] = None if pin_memory is None else bool(pin_memory)
         self.batch_transforms: List[BatchTransform] = []
         self.class_names: List[str] = []
         self._augmentation: Optional[torch.nn.Module] = None
@@ -188,7 +189,7 @@ class BaseImageDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=should_pin_memory(self.trainer, self.pin_memory),
             persistent_workers=persistent and self.num_workers > 0,
             drop_last=drop_last,
             generator=generator,
@@ -264,6 +265,18 @@ class BaseImageDataModule(pl.LightningDataModule):
                 self._splits[s].update_fingerprint(h)
             self._fingerprints[split] = h.hexdigest()
         return self._fingerprints[split]
+
+
+def should_pin_memory(trainer: Optional["pl.Trainer"], requested: Optional[bool] = None) -> bool:
+    """``requested`` when set, else whether ``trainer`` runs on a CUDA device (``False`` without a trainer)."""
+    if requested is not None:
+        return bool(requested)
+    if trainer is None:
+        return False
+    try:
+        return trainer.strategy.root_device.type == "cuda"
+    except Exception:  # a strategy without a device yet
+        return False
 
 
 def _check_split(split: str) -> Split:

@@ -41,6 +41,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_app.atomic import atomic_write
+from lightning_app.data.base import should_pin_memory
 from lightning_app.zoo.weights import file_digest, state_dict_digest
 
 CACHE_VERSION = 1
@@ -435,7 +436,7 @@ class FeatureDataModule(pl.LightningDataModule):
             return []
         return DataLoader(ds, batch_size=self.batch_size * chunks, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=_SplitCollate(self.batch_size) if chunks > 1 else _collate_batch,
-                          pin_memory=torch.cuda.is_available(),
+                          pin_memory=should_pin_memory(self.trainer),
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:

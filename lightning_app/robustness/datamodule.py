@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from lightning_app.data.base import Batch, BaseImageDataModule
+from lightning_app.data.base import Batch, BaseImageDataModule, should_pin_memory
 from lightning_app.perturb import SEVERITIES, TABLES, corrupt
 from lightning_app.robustness.attack import INFERENCE_MODE_FIX, attack_batch
 from lightning_app.robustness.specs import CorruptionsArg, Perturbation, build_suite
@@ -143,7 +143,8 @@ class RobustnessDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset) -> DataLoader:
         inner = self.datamodule
         return DataLoader(ds, batch_size=inner.batch_size, shuffle=False, sampler=self._sampler(ds),
-                          num_workers=inner.num_workers, pin_memory=getattr(inner, "pin_memory", False))
+                          num_workers=inner.num_workers,
+                          pin_memory=should_pin_memory(self.trainer, getattr(inner, "pin_memory", None)))
 
     def test_dataloader(self) -> List[DataLoader]:
         ds = self.test_dataset()
