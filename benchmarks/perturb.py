@@ -8,7 +8,9 @@ equivalents: ``cv2.filter2D`` -> ``scipy.ndimage.correlate(mode='mirror')``;
 Wand's motion blur -> bethgelab/imagecorruptions' numpy ``_motion_blur``;
 ``cv2.getAffineTransform`` / ``warpAffine`` -> ``numpy.linalg.solve`` /
 ``scipy.ndimage.affine_transform(order=1, mode='mirror')`` (without OpenCV's 1/32-pixel
-coordinate rounding); frost photographs -> the same procedural texture as ours.
+coordinate rounding); frost photographs -> the same procedural texture as ours when the
+photographs are not installed. ``spatter`` runs the reference's OpenCV code itself and is
+listed only where OpenCV is installed.
 Parameters come from our severity tables so both tables can be run. The tests use these
 functions as the oracle.
 
@@ -224,8 +226,8 @@ def snow(x, c, rs=np.random):
     return np.clip(x + snow_layer + np.rot90(snow_layer, k=2), 0, 1) * 255
 
 
-def frost(x, c, rs=np.random):
-    # stand-in texture (the reference crops frost photographs): same recipe as ours
+def frost_procedural(x, c, rs=np.random):
+    # stand-in texture when the frost photographs are not installed: same recipe as ours
     H, W = x.shape[:2]
     m = _mapsize(x.shape)
     rough = plasma_fractal(m, 1.4, rs.uniform)[:H, :W]
@@ -233,6 +235,73 @@ def frost(x, c, rs=np.random):
     ice = np.clip(0.45 * haze + 0.9 * (1 - np.abs(2 * rough - 1)) ** 6, 0, 1)
     frost_img = ice[..., None] * np.array([0.84, 0.92, 1.0]) * 255
     return np.clip(c[0] * np.array(x) + c[1] * frost_img, 0, 255)
+
+
+def frost_photo(index, scale=1):
+    """Frost photograph ``index`` as RGB uint8, shrunk as make_cifar_c.py does when ``scale`` != 1
+    (cv2.resize(fx=scale), INTER_LINEAR; with OpenCV when installed)."""
+    from lightning_app.perturb.photos import cv2_resize_linear, load_frost_photo
+
+    img = load_frost_photo(index)
+    if scale == 1:
+        return img
+    try:
+        import cv2
+
+        return cv2.resize(np.ascontiguousarray(img[..., ::-1]), (0, 0), fx=scale, fy=scale)[..., ::-1]
+    except ImportError:
+        return cv2_resize_linear(img, scale)
+
+
+def frost(x, c, rs=np.random):
+    # make_imagenet_c.py (crop of an unscaled photograph; make_cifar_c.py shrinks it by c[2] = 0.2 first);
+    # photographs larger than the image only (ours enlarges smaller ones as imagecorruptions does)
+    from lightning_app.perturb.photos import enlarge_to_cover, frost_photo_dir
+
+    if frost_photo_dir() is None:
+        return frost_procedural(x, c, rs)
+    H, W = x.shape[:2]
+    idx = rs.randint(5)
+    frost = enlarge_to_cover(frost_photo(idx, c[2]), H, W)
+    x_start, y_start = rs.randint(0, frost.shape[0] - H), rs.randint(0, frost.shape[1] - W)
+    frost = frost[x_start : x_start + H, y_start : y_start + W]
+    return np.clip(c[0] * np.array(x) + c[1] * frost, 0, 255)
+
+
+def spatter(x, c, rs=np.random):
+    # make_imagenet_c.py verbatim (needs OpenCV), parameters from the table
+    import cv2
+
+    x = np.array(x, dtype=np.float32) / 255.0
+    liquid_layer = rs.normal(size=x.shape[:2], loc=c[0], scale=c[1])
+    liquid_layer = gaussian(liquid_layer, sigma=c[2])
+    liquid_layer[liquid_layer < c[3]] = 0
+    if c[5] == 0:
+        liquid_layer = (liquid_layer * 255).astype(np.uint8)
+        dist = 255 - cv2.Canny(liquid_layer, 50, 150)
+        dist = cv2.distanceTransform(dist, cv2.DIST_L2, 5)
+        _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+        dist = cv2.blur(dist, (3, 3)).astype(np.uint8)
+        dist = cv2.equalizeHist(dist)
+        ker = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
+        dist = cv2.filter2D(dist, cv2.CV_8U, ker)
+        dist = cv2.blur(dist, (3, 3)).astype(np.float32)
+        m = cv2.cvtColor(liquid_layer * dist, cv2.COLOR_GRAY2BGRA)
+        m /= np.max(m, axis=(0, 1))
+        m *= c[4]
+        color = np.concatenate((175 / 255.0 * np.ones_like(m[..., :1]), 238 / 255.0 * np.ones_like(m[..., :1]),
+                                238 / 255.0 * np.ones_like(m[..., :1])), axis=2)
+        color = cv2.cvtColor(color, cv2.COLOR_BGR2BGRA)
+        x = cv2.cvtColor(x, cv2.COLOR_BGR2BGRA)
+        return cv2.cvtColor(np.clip(x + m * color, 0, 1), cv2.COLOR_BGRA2BGR) * 255
+    m = np.where(liquid_layer > c[3], 1, 0)
+    m = gaussian(m.astype(np.float32), sigma=c[4])
+    m[m < 0.8] = 0
+    color = np.concatenate((63 / 255.0 * np.ones_like(x[..., :1]), 42 / 255.0 * np.ones_like(x[..., :1]),
+                            20 / 255.0 * np.ones_like(x[..., :1])), axis=2)
+    color *= m[..., np.newaxis]
+    x *= 1 - m[..., np.newaxis]
+    return np.clip(x + color, 0, 1) * 255
 
 
 def fog(x, c, rs=np.random):
@@ -328,6 +397,12 @@ REFERENCE: Dict[str, Callable] = {
     "gaussian_blur": gaussian_blur,
     "saturate": saturate,
 }
+try:  # spatter's reference needs OpenCV (the [imagenet-c] extra installs it)
+    import cv2  # noqa: F401
+
+    REFERENCE["spatter"] = spatter
+except ImportError:
+    pass
 
 #: corruptions whose output has no randomness: ours and the reference are compared pixel by pixel
 DETERMINISTIC = ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression", "gaussian_blur", "saturate")
@@ -418,7 +493,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--size", type=int, nargs="+", default=[224, 299])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--severity", type=int, default=3)
-    parser.add_argument("--table", default="imagenet", choices=["imagenet", "cifar10"])
+    parser.add_argument("--table", default="imagenet", choices=["imagenet", "imagenet299", "cifar10"])
     parser.add_argument("--names", nargs="+", default=None, help="corruptions (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (numpy reference is single-threaded)")
     parser.add_argument("--reps", type=int, default=2)

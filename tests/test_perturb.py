@@ -14,8 +14,10 @@ from lightning_app.perturb import (
     TABLES,
     corrupt,
     corruption_params,
+    resolve_table,
     suite,
 )
+from lightning_app.perturb.photos import frost_photo_dir
 
 NAMES = list(CORRUPTIONS)
 RANDOM = [n for n in NAMES if n not in ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate",
@@ -44,9 +46,10 @@ def test_registry_lists_every_corruption_with_flags():
     assert set(BENCHMARK_CORRUPTIONS) == {
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
         "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression"}
-    assert set(EXTRA_CORRUPTIONS) == {"speckle_noise", "gaussian_blur", "saturate"}
+    assert set(EXTRA_CORRUPTIONS) == {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
     approx = {n for n, c in CORRUPTIONS.items() if not c.exact}
-    assert approx == {"snow", "frost"}
+    # frost is exact exactly when the reference's photographs are installed (the [imagenet-c] extra)
+    assert approx == ({"snow"} if frost_photo_dir() is not None else {"snow", "frost"})
     for n in approx:
         assert "approximate" in CORRUPTIONS[n].note or "instead" in CORRUPTIONS[n].note
     groups = {c.category: set() for c in CORRUPTIONS.values()}
@@ -55,10 +58,11 @@ def test_registry_lists_every_corruption_with_flags():
     assert groups == {  # ImageNet-C's four groups, extras included
         "noise": {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"},
         "blur": {"defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"},
-        "weather": {"snow", "frost", "fog", "brightness"},
+        "weather": {"snow", "frost", "fog", "brightness", "spatter"},
         "digital": {"contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate"},
     }
     assert corruption_params(CLEAN, 0) is None
+    assert set(TABLES) == {"imagenet", "imagenet299", "cifar10"}
     for table in TABLES.values():
         assert set(table.params) == set(CORRUPTIONS)
         assert all(len(v) == 5 for v in table.params.values())
@@ -75,6 +79,22 @@ def test_tables_hold_the_reference_values():
     assert corruption_params("elastic_transform", 1, "imagenet", size=(224, 224)) == (488, 244 * 0.7, 244 * 0.1)
     assert corruption_params("elastic_transform", 1, "imagenet", size=(112, 150)) == pytest.approx((244, 122 * 0.7, 122 * 0.1))
     assert corruption_params("gaussian_blur", 2, "imagenet", size=(112, 112)) == 2  # others are not scaled
+    # make_imagenet_c_inception.py (299 px)
+    i299 = TABLES["imagenet299"].params
+    assert TABLES["imagenet299"].size == 299
+    assert i299["gaussian_noise"] == (0.09, 0.13, 0.19, 0.27, 0.40)
+    assert i299["motion_blur"][4] == (22, 16) and i299["defocus_blur"][4] == (12, 0.5)
+    assert i299["jpeg_compression"] == (23, 16, 13, 8, 5) and i299["pixelate"] == (0.5, 0.4, 0.3, 0.25, 0.2)
+    assert i299["zoom_blur"] == im["zoom_blur"] and i299["snow"] == im["snow"] and i299["frost"] == im["frost"]
+    assert corruption_params("elastic_transform", 1, "imagenet299", size=(299, 299)) == (720, 360 * 0.7, 360 * 0.1)
+    assert im["spatter"][0] == (0.65, 0.3, 4, 0.69, 0.6, 0) and i299["spatter"][4] == (0.67, 0.4, 1.2, 0.65, 1.8, 1)
+    assert c10["frost"][0] == (1, 0.2, 0.2) and im["frost"][0] == (1, 0.4, 1)  # CIFAR shrinks the photos to 0.2
+    # "auto": the ImageNet-C table for the image size
+    assert resolve_table("auto", (224, 224)).name == "imagenet" and resolve_table("auto", (261, 400)).name == "imagenet"
+    assert resolve_table("auto", (299, 299)).name == "imagenet299" and resolve_table("auto", (331, 331)).name == "imagenet299"
+    assert resolve_table("auto").name == "imagenet"
+    assert corruption_params("gaussian_noise", 1, "auto", size=(299, 299)) == 0.09
+    assert corruption_params("gaussian_noise", 1, "auto", size=(224, 224)) == 0.08
 
 
 def test_suite():
@@ -97,7 +117,7 @@ def test_bad_inputs_raise_clear_errors(batch):
     for bad in (0, 6, True, 2.0):
         with pytest.raises(ValueError, match="severity must be an int in 1..5"):
             corrupt(batch, "fog", bad, idx)
-    with pytest.raises(ValueError, match="unknown table 'cifar100'"):
+    with pytest.raises(ValueError, match="unknown table 'cifar100'.*'imagenet299'.*'auto'"):
         corrupt(batch, "fog", 1, idx, table="cifar100")
     with pytest.raises(ValueError, match=r"RGB NCHW \[B, 3, H, W\]"):
         corrupt(batch[0], "fog", 1, idx)

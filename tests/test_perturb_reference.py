@@ -249,8 +249,8 @@ def test_frost_texture_equals_numpy_recipe(images):
         return out
 
     p = corruption_params("frost", 3, "imagenet")
-    expected = ref.frost(u8[1], p, rs=type("RS", (), {"uniform": staticmethod(uniform)})) / 255
-    got = to_hwc(weather.frost(x[1:2], p, Replay(u1, u2)))[0]
+    expected = ref.frost_procedural(u8[1], p, rs=type("RS", (), {"uniform": staticmethod(uniform)})) / 255
+    got = to_hwc(weather.frost_procedural(x[1:2], p, Replay(u1, u2)))[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 

@@ -114,7 +114,7 @@ def test_suite_order_and_defaults():
     assert suite[0].key == "clean"
     assert [p.key for p in suite[1:3]] == ["gaussian_noise_s1", "gaussian_noise_s2"]
     assert len(suite) == 1 + 15 * 2 + 1 and suite[-1].key == "fgsm"
-    assert len(resolve_corruptions("all")) == 18
+    assert len(resolve_corruptions("all")) == 19  # ImageNet-C: 15 + speckle_noise, gaussian_blur, spatter, saturate
     assert [p.exact for p in build_suite(["snow", "fog"], [1])[1:]] == [False, True]
 
 

@@ -6,7 +6,9 @@
       for name, severity in suite():            # ("clean", 0), ("gaussian_noise", 1), ...
           x_c = corrupt(x, name, severity, indices=batch_indices, seed=0, table="imagenet")
 
-  ``CORRUPTIONS[name].exact`` is False for approximations (``snow``, ``frost``); see ``.note``.
+  ``CORRUPTIONS[name].exact`` is False for approximations (``snow``; ``frost`` without its
+  photographs, which the ``[imagenet-c]`` extra installs); see ``.note``. Tables: ``imagenet``
+  (224), ``imagenet299`` (Inception size), ``cifar10``, or ``auto`` (by image size).
 * Attacks: ``fgsm`` / ``pgd`` (L-inf) against a model that maps [0, 1] images to logits
   (normalisation inside the model, e.g. ``nn.Sequential(Normalize(mean, std), backbone)``).
 """
@@ -24,9 +26,10 @@ from .registry import (
     corruption_params,
     suite,
 )
-from .tables import TABLES, SeverityTable
+from .tables import AUTO, TABLES, SeverityTable, resolve_table
 
 __all__ = [
+    "AUTO",
     "BENCHMARK_CORRUPTIONS",
     "CLEAN",
     "CORRUPTIONS",
@@ -40,5 +43,6 @@ __all__ = [
     "corruption_params",
     "fgsm",
     "pgd",
+    "resolve_table",
     "suite",
 ]

@@ -7,9 +7,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from . import blur, color, digital, noise, weather
+from . import blur, color, digital, noise, spatter, weather
 from ._rng import SampleRNG
-from .tables import TABLES
+from .photos import frost_photo_dir
+from .tables import resolve_table
 
 CorruptionFn = Callable[[Tensor, Any, SampleRNG], Tensor]
 
@@ -62,8 +63,13 @@ _ENTRIES = [
     Corruption("snow", weather.snow, "weather", False, True,
                "reference recipe followed, but its ImageMagick motion blur of an 8-bit snow layer is "
                "re-implemented and unverified; labelled approximate"),
+    Corruption("frost", weather.frost, "weather", True, True,
+               "random crops of the reference's frost photographs (installed by the [imagenet-c] extra); images "
+               "larger than a photograph enlarge it as imagecorruptions does (bicubic, within one 8-bit level)")
+    if frost_photo_dir() is not None else
     Corruption("frost", weather.frost, "weather", False, True,
-               "procedural ice texture instead of the six frost photographs; blend weights exact"),
+               "procedural ice texture instead of the six frost photographs (pip install "
+               "'keras-lightning-zoo[imagenet-c]' installs them); blend weights exact"),
     Corruption("fog", weather.fog, "weather", True, True),
     Corruption("brightness", color.brightness, "weather", True, True),
     Corruption("contrast", color.contrast, "digital", True, True),
@@ -76,6 +82,9 @@ _ENTRIES = [
                "Pillow/libjpeg round trip on the CPU; input rounded to 8 bits"),
     Corruption("speckle_noise", noise.speckle_noise, "noise", True, False),
     Corruption("gaussian_blur", blur.gaussian_blur, "blur", True, False),
+    Corruption("spatter", spatter.spatter, "weather", True, False,
+               "water (severities 1-3) and mud (4-5); OpenCV's Canny, chamfer distance, equalisation and filters "
+               "re-implemented integer-exact (float32 chamfer distances may differ in the last bit)"),
     Corruption("saturate", color.saturate, "digital", True, False),
 ]
 
@@ -83,7 +92,7 @@ _ENTRIES = [
 CORRUPTIONS: Dict[str, Corruption] = {c.name: c for c in _ENTRIES}
 #: The 15 corruptions of the ImageNet-C / CIFAR-10-C benchmark (mCE).
 BENCHMARK_CORRUPTIONS: Tuple[str, ...] = tuple(c.name for c in _ENTRIES if c.benchmark)
-#: ImageNet-C's extra corruptions implemented here (``spatter`` is not).
+#: ImageNet-C's extra corruptions (speckle_noise, gaussian_blur, spatter, saturate).
 EXTRA_CORRUPTIONS: Tuple[str, ...] = tuple(c.name for c in _ENTRIES if not c.benchmark)
 
 
@@ -125,14 +134,13 @@ def _scaled(params: Any, ratio: float) -> Any:
 
 def corruption_params(name: str, severity: int, table: str = "imagenet", size: Optional[Tuple[int, int]] = None) -> Any:
     """The parameter of ``name`` at ``severity`` in ``table`` (scaled to ``size`` = (H, W)
-    where the corruption's parameters scale with the image size)."""
+    where the corruption's parameters scale with the image size). ``table="auto"`` picks the
+    ImageNet-C table for ``size`` (:func:`lightning_app.perturb.tables.resolve_table`)."""
     _check_name(name)
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; known: {', '.join(map(repr, TABLES))}")
+    t = resolve_table(table, size)
     if name == CLEAN:
         return None
     _check_severity(severity)
-    t = TABLES[table]
     params = t.params[name][severity - 1]
     if CORRUPTIONS[name].scales_with_size and size is not None:
         params = _scaled(params, min(size) / t.size)
@@ -157,7 +165,9 @@ def corrupt(
             only on ``(seed, name, index)``: the output does not depend on batch size, batch
             composition or device count (severities share draws: common random numbers).
         seed: run seed.
-        table: ``"imagenet"`` (ImageNet-C) or ``"cifar10"`` (CIFAR-10-C) severity table.
+        table: ``"imagenet"`` (ImageNet-C, 224 px), ``"imagenet299"`` (ImageNet-C's Inception-size
+            parameters), ``"cifar10"`` (CIFAR-10-C) or ``"auto"`` (``imagenet`` or ``imagenet299``
+            by image size).
 
     Returns:
         Corrupted images, same shape, dtype and device, values in [0, 1].

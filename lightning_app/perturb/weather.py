@@ -1,10 +1,11 @@
-"""Weather corruptions (ImageNet-C ``fog``, ``snow``, ``frost``).
+"""Weather corruptions (ImageNet-C ``fog``, ``snow``, ``frost``; ``spatter`` is in :mod:`.spatter`).
 
 ``fog`` is exact. ``snow`` follows the reference recipe step by step but is labelled
 approximate (the reference runs ImageMagick on an 8-bit PNG of the snow layer; that motion
-blur is re-implemented, not verified against ImageMagick here). ``frost`` is an
-approximation: the reference blends crops of six frost photographs that are not available
-offline; a procedural ice texture stands in for them (the blend weights are exact).
+blur is re-implemented, not verified against ImageMagick here). ``frost`` blends a random crop
+of one of the reference's frost photographs when they are installed (:mod:`.photos`; exact),
+and a procedural ice texture otherwise (an approximation, labelled as such; the blend weights
+are exact).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from ._ops import clipped_zoom, rgb_to_gray
 from ._rng import SampleRNG
 from .blur import im_motion_blur
+from .photos import FROST_DRAWN, frost_layer_source, frost_photo_dir
 
 
 def _next_pow2(n: int) -> int:
@@ -112,8 +114,36 @@ def frost_texture(rng: SampleRNG, h: int, w: int) -> Tensor:
     return ice * tint
 
 
-def frost(x: Tensor, p: Tuple[float, float], rng: SampleRNG) -> Tensor:
-    """``clip(c_image * x + c_frost * texture)``. APPROXIMATE: procedural texture."""
-    c_image, c_frost = p
+def frost_procedural(x: Tensor, p: Tuple[float, ...], rng: SampleRNG) -> Tensor:
+    """``clip(c_image * x + c_frost * texture)`` with the procedural texture (APPROXIMATE)."""
+    c_image, c_frost = p[:2]
     texture = frost_texture(rng, x.shape[-2], x.shape[-1]).to(x.dtype)
     return (c_image * x + c_frost * texture).clamp_(0, 1)
+
+
+def frost_crops(rng: SampleRNG, h: int, w: int, scale: float, device: torch.device) -> Tensor:
+    """The reference's frost layer, uint8 ``[B, 3, h, w]``: photograph ``randint(5)`` (resized by ``scale``),
+    then an ``h x w`` crop at rows ``randint(0, PH - h)`` and columns ``randint(0, PW - w)``."""
+    u = rng.uniform((3,), dtype=torch.float64).cpu().numpy()  # photo, top, left
+    crops = []
+    for draw in u:
+        photo = frost_layer_source(min(int(draw[0] * FROST_DRAWN), FROST_DRAWN - 1), float(scale), h, w,
+                                   torch.device(device))
+        top = int(draw[1] * (photo.shape[1] - h))
+        left = int(draw[2] * (photo.shape[2] - w))
+        crops.append(photo[:, top : top + h, left : left + w])
+    return torch.stack(crops)
+
+
+def frost_photographs(x: Tensor, p: Tuple[float, ...], rng: SampleRNG) -> Tensor:
+    """ImageNet-C frost: ``clip(c_image * x + c_frost * crop / 255)`` with a random crop of a frost photograph."""
+    c_image, c_frost, scale = p
+    out = frost_crops(rng, x.shape[-2], x.shape[-1], scale, x.device).to(x.dtype).mul_(c_frost / 255)
+    return out.add_(x, alpha=c_image).clamp_(0, 1)
+
+
+def frost(x: Tensor, p: Tuple[float, ...], rng: SampleRNG) -> Tensor:
+    """ImageNet-C frost from the photographs when installed, else the procedural approximation."""
+    if frost_photo_dir() is not None:
+        return frost_photographs(x, p, rng)
+    return frost_procedural(x, p, rng)

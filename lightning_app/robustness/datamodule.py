@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lightning_app.data.base import Batch, BaseImageDataModule, should_pin_memory
-from lightning_app.perturb import SEVERITIES, TABLES, corrupt
+from lightning_app.perturb import AUTO, SEVERITIES, TABLES, corrupt, resolve_table
 from lightning_app.robustness.attack import INFERENCE_MODE_FIX, attack_batch
 from lightning_app.robustness.specs import CorruptionsArg, Perturbation, build_suite
 
@@ -50,7 +50,9 @@ class RobustnessDataModule(pl.LightningDataModule):
         severities: severities 1..5 evaluated for every corruption.
         attacks: e.g. ``[{"name": "fgsm", "eps": "8/255"}, {"name": "pgd", "eps": "8/255", "alpha": "2/255",
             "steps": 10}]`` (``random_start`` and a unique ``label`` optional); ``None``: no attacks.
-        table: severity table, ``"imagenet"`` (ImageNet-C, 224 px) or ``"cifar10"`` (CIFAR-10-C, 32 px).
+        table: severity table: ``"auto"`` (ImageNet-C's 224 px table, or its Inception-size 299 px table
+            for images of 262 px and more), ``"imagenet"`` (224), ``"imagenet299"`` or ``"cifar10"`` (CIFAR-10-C,
+            32 px).
         seed: seed of the corruptions, of PGD's random start and of the ``limit_per_loader`` subset.
         limit_per_loader: evaluate a seeded random subset of this many test images (the same images in
             every loader); ``None`` = the whole test split.
@@ -63,7 +65,7 @@ class RobustnessDataModule(pl.LightningDataModule):
         corruptions: CorruptionsArg = None,
         severities: List[int] = list(SEVERITIES),  # noqa: B006 - jsonargparse shows the literal default
         attacks: Optional[List[Dict[str, Any]]] = None,
-        table: str = "imagenet",
+        table: str = AUTO,
         seed: int = 0,
         limit_per_loader: Optional[int] = None,
         clean: bool = True,
@@ -75,8 +77,8 @@ class RobustnessDataModule(pl.LightningDataModule):
                     f"datamodule must be an image DataModule (lightning_app.data.BaseImageDataModule); "
                     f"{type(datamodule).__name__} has no {attr!r}"
                 )
-        if table not in TABLES:
-            raise ValueError(f"unknown severity table {table!r}; known: {', '.join(TABLES)}")
+        if table not in TABLES and table != AUTO:
+            raise ValueError(f"unknown severity table {table!r}; known: {', '.join([*TABLES, AUTO])}")
         if limit_per_loader is not None and limit_per_loader < 1:
             raise ValueError(f"limit_per_loader must be >= 1 or None, got {limit_per_loader}")
         self.datamodule = datamodule
@@ -193,8 +195,10 @@ class RobustnessDataModule(pl.LightningDataModule):
     def describe(self) -> str:
         """One line: what is evaluated."""
         kinds = [p.kind for p in self.perturbations]
+        size = getattr(self.datamodule, "image_size", None)
+        table = resolve_table(self.table, size).name if self.table == AUTO else self.table
         return (f"{len(self.perturbations)} test loaders: {kinds.count('clean')} clean, {kinds.count('corruption')} "
-                f"corruption x severity ({self.table} table), {kinds.count('attack')} attacks")
+                f"corruption x severity ({table} table), {kinds.count('attack')} attacks")
 
 
 __all__ = ["RobustnessDataModule", "UnpaddedShardSampler"]
