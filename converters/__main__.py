@@ -7,6 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from lightning_app.entry import debug_requested, format_user_error, run
+from lightning_app.errors import UserError
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from lightning_app.zoo.registry import REGISTRY
@@ -68,14 +71,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--size", type=int, default=None, help="input size (default: the model's native size)")
     p = sub.add_parser("manifest", help="regenerate layer manifests from Keras (developers)")
     p.add_argument("--model", action="append")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or LIGHTNING_APP_DEBUG=1)")
     args = parser.parse_args(argv)
     commands = {"list": _cmd_list, "convert": _cmd_convert, "verify": _cmd_verify, "manifest": _cmd_manifest}
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ImportError) as err:
+        if args.debug or debug_requested():
+            raise
+        print(format_user_error(err) if isinstance(err, UserError) else f"error: {err}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

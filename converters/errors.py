@@ -1,9 +1,4 @@
-"""Errors raised while reading or converting Keras weight files."""
+"""Errors raised while reading or converting Keras weight files (defined in :mod:`lightning_app.errors`)."""
+from lightning_app.errors import LayerMismatchError, WeightFileError
 
-
-class WeightFileError(ValueError):
-    """A weight file is unreadable, truncated, or not a Keras weight file."""
-
-
-class LayerMismatchError(ValueError):
-    """A weight file does not match the model it is converted for."""
+__all__ = ["LayerMismatchError", "WeightFileError"]

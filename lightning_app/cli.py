@@ -30,6 +30,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_app.data.features import DEFAULT_CACHE_DIR, prepare_feature_datamodule
+from lightning_app.entry import run
 from lightning_app.module import TransferModule
 from lightning_app.reports import PredictionCSVWriter, TrainingReport, report_dir
 
@@ -151,8 +152,10 @@ class TransferCLI(LightningCLI):
 
 
 def main(args: Optional[list] = None) -> TransferCLI:
-    """Entry point of ``python -m lightning_app``."""
-    return TransferCLI(args=args)
+    """Entry point of ``python -m lightning_app`` (``args``: the command line without the program name; default
+    ``sys.argv[1:]``). Errors a user can fix are printed as one paragraph (exit code 2); ``--debug`` or
+    ``LIGHTNING_APP_DEBUG=1`` shows the traceback (:mod:`lightning_app.entry`)."""
+    return run(lambda argv: TransferCLI(args=argv), args)
 
 
 __all__ = ["DEFAULT_TRAINER", "FeatureOptions", "TransferCLI", "checkpoint_supplies_weights", "main"]

@@ -36,6 +36,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_app.errors import ConfigError
+
 #: Attribute set on a BatchNorm module that must stay in inference mode.
 FROZEN_BN_ATTR = "_keras_frozen"
 
@@ -184,15 +186,15 @@ def parse_schedule(schedule: Mapping[Any, ScheduleValue]) -> Dict[int, ScheduleV
         try:
             epoch = int(k)
         except (TypeError, ValueError):
-            raise ValueError(f"schedule keys must be epochs (ints), got {k!r}") from None
+            raise ConfigError(f"schedule keys must be epochs (ints), got {k!r}") from None
         if epoch < 0:
-            raise ValueError(f"schedule epoch must be >= 0, got {epoch}")
+            raise ConfigError(f"schedule epoch must be >= 0, got {epoch}")
         if isinstance(v, str):
             if v.lower() != "all":
-                raise ValueError(f"schedule value must be a positive int or 'all', got {v!r} at epoch {epoch}")
+                raise ConfigError(f"schedule value must be a positive int or 'all', got {v!r} at epoch {epoch}")
             v = "all"
         elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"schedule value must be a positive int or 'all', got {v!r} at epoch {epoch}")
+            raise ConfigError(f"schedule value must be a positive int or 'all', got {v!r} at epoch {epoch}")
         out[epoch] = v
     return dict(sorted(out.items()))
 
@@ -304,7 +306,7 @@ class LayerwiseUnfreezing(Callback):
         if stage != "fit":
             return
         if getattr(pl_module, "stage", "finetune") != "finetune":
-            raise ValueError(
+            raise ConfigError(
                 f"LayerwiseUnfreezing needs model.stage='finetune', got {pl_module.stage!r}: "
                 "remove the callback or set the stage"
             )

@@ -29,6 +29,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_app.errors import ConfigError
 from lightning_app.finetune import LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all, layer_groups
 from lightning_app.zoo.normalize import Normalize
 
@@ -65,7 +66,7 @@ def build_head(in_features: int, hidden: Sequence[int], dropout: float, num_clas
     width = in_features
     for h in hidden:
         if h < 1:
-            raise ValueError(f"hidden sizes must be positive, got {list(hidden)}")
+            raise ConfigError(f"hidden sizes must be positive, got {list(hidden)}")
         layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -169,13 +170,13 @@ class TransferModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+            raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
         if steps_per_execution < 1 or (steps_per_execution > 1 and stage != "extract"):
-            raise ValueError(f"steps_per_execution must be 1, or >= 1 with stage='extract'; got {steps_per_execution}")
+            raise ConfigError(f"steps_per_execution must be 1, or >= 1 with stage='extract'; got {steps_per_execution}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         from lightning_app.zoo import create_backbone, preprocessing
 
@@ -382,7 +383,7 @@ class TransferModule(pl.LightningModule):
         optimizer = self.optimizer_factory(self.param_groups())
         base_lr = self.lr if self.lr is not None else optimizer.defaults.get("lr")
         if base_lr is None:
-            raise ValueError("set model.lr or the optimizer's lr")
+            raise ConfigError("set model.lr or the optimizer's lr")
         for group, scale in zip(optimizer.param_groups, self.lr_scales()):
             group["lr"] = float(base_lr) * scale
         if self.scheduler_factory is None:

@@ -124,7 +124,7 @@ def test_batches_and_loader_settings(tmp_path):
     assert not vl.drop_last and not vl.pin_memory  # no CUDA trainer attached: nothing to pin for
     assert _dm(tmp_path, pin_memory=True).val_dataloader().pin_memory
     assert _dm(tmp_path, val_split=0.0).val_dataloader() == []
-    with pytest.raises(RuntimeError, match="test_split"):
+    with pytest.raises(DatasetLayoutError, match="test_split"):
         dm.test_dataloader()
 
 

@@ -4,8 +4,8 @@ from lightning_app.data.base import BaseImageDataModule, BatchTransform
 from lightning_app.data.bundled import ArrayDataModule, DigitsDataModule
 from lightning_app.data.cifar import CIFAR10_CLASSES, Cifar10DataModule
 from lightning_app.data.datamodule import ImageFolderDataModule
-from lightning_app.data.errors import DatasetLayoutError, DatasetNotFoundError
 from lightning_app.data.food import FOOD101_CLASSES, Food101DataModule
+from lightning_app.errors import DatasetLayoutError, DatasetNotFoundError
 
 __all__ = [
     "ArrayDataModule",

@@ -7,6 +7,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from lightning_app.errors import ConfigError
+
 
 @dataclass
 class Augment:
@@ -59,7 +61,7 @@ def build_augmentation(cfg: Augment, image_size: Tuple[int, int]) -> Optional[nn
     if cfg.crop_scale is not None:
         lo, hi = cfg.crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
+            raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
         ops.append(K.RandomResizedCrop(tuple(image_size), scale=(lo, hi)))
     if cfg.hflip > 0:
         ops.append(K.RandomHorizontalFlip(p=cfg.hflip))

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_app.data.augment import Augment, AugmentArg, build_augmentation, resolve_augment
 from lightning_app.data.resize import ImageSize, ResizeMode, as_hw
 from lightning_app.data.sources import SplitDataset
+from lightning_app.errors import ConfigError, DatasetLayoutError
 
 Split = Literal["train", "val", "test", "all"]
 SPLITS: Tuple[str, ...] = ("train", "val", "test")
@@ -109,11 +110,11 @@ class BaseImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if resize not in ("squash", "crop"):
-            raise ValueError(f"resize must be 'squash' or 'crop', got {resize!r}")
+            raise ConfigError(f"resize must be 'squash' or 'crop', got {resize!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         self.image_size: Tuple[int, int] = as_hw(image_size)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -140,9 +141,9 @@ class BaseImageDataModule(pl.LightningDataModule):
     def _set_class_names(self, names: Sequence[str]) -> None:
         names = [str(n) for n in names]
         if not names:
-            raise ValueError("a dataset needs at least one class")
+            raise DatasetLayoutError("a dataset needs at least one class")
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate class names: {names}")
+            raise DatasetLayoutError(f"duplicate class names: {names}")
         self.class_names = names
 
     # ------------------------------------------------------------------ splits
@@ -162,7 +163,7 @@ class BaseImageDataModule(pl.LightningDataModule):
         if missing:
             raise RuntimeError(f"{type(self).__name__}._build_splits did not return splits {missing}")
         if len(splits["train"]) == 0:
-            raise RuntimeError(f"{type(self).__name__}: the training split is empty")
+            raise DatasetLayoutError(f"{type(self).__name__}: the training split is empty")
         self._splits = splits
         sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
         rank_zero_info(f"{type(self).__name__}: {self.num_classes} classes; {sizes} images")
@@ -208,14 +209,14 @@ class BaseImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         ds = self.dataset("test")
         if len(ds) == 0:
-            raise RuntimeError(f"{type(self).__name__} has no test split: {self._no_test_hint()}")
+            raise DatasetLayoutError(f"{type(self).__name__} has no test split: {self._no_test_hint()}")
         return self._loader(ds, shuffle=False, persistent=False)
 
     def predict_dataloader(self) -> DataLoader:
         """Deterministic order over ``predict_split``, no augmentation."""
         ds = self.dataset(self.predict_split)
         if len(ds) == 0:
-            raise RuntimeError(f"{type(self).__name__}: predict_split={self.predict_split!r} is empty")
+            raise DatasetLayoutError(f"{type(self).__name__}: predict_split={self.predict_split!r} is empty")
         return self._loader(ds, shuffle=False, persistent=False)
 
     def _no_test_hint(self) -> str:
@@ -281,5 +282,5 @@ def should_pin_memory(trainer: Optional["pl.Trainer"], requested: Optional[bool]
 
 def _check_split(split: str) -> Split:
     if split not in ("train", "val", "test", "all"):
-        raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}")
+        raise ConfigError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}")
     return split  # type: ignore[return-value]

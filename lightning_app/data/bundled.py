@@ -10,6 +10,7 @@ from lightning_app.data.base import BaseImageDataModule, Split
 from lightning_app.data.resize import ImageSize, ResizeMode
 from lightning_app.data.sources import ArraySource, SplitDataset
 from lightning_app.data.splits import stratified_split
+from lightning_app.errors import ConfigError, DatasetLayoutError
 
 
 class ArrayDataModule(BaseImageDataModule):
@@ -48,14 +49,14 @@ class ArrayDataModule(BaseImageDataModule):
         )
         self._set_class_names(class_names)
         if (test_images is None) != (test_labels is None):
-            raise ValueError("pass both test_images and test_labels, or neither")
+            raise ConfigError("pass both test_images and test_labels, or neither")
         self.val_split = float(val_split)
         self.test_split = 0.0 if test_images is not None else float(test_split)
         self._source = ArraySource(images, labels, name=name)
         self._test_source = ArraySource(test_images, test_labels, name=f"{name}_test") if test_images is not None else None
         for src in (self._source, self._test_source):
             if src is not None and len(src) and (src.labels.min() < 0 or src.labels.max() >= self.num_classes):
-                raise ValueError(f"labels of {src.name!r} must be in 0..{self.num_classes - 1}")
+                raise DatasetLayoutError(f"labels of {src.name!r} must be in 0..{self.num_classes - 1}")
 
     def _build_splits(self) -> Dict[str, SplitDataset]:
         tr, va, te = stratified_split(self._source.labels, self.val_split, self.test_split, self.seed)

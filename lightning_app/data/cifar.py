@@ -17,10 +17,10 @@ import numpy as np
 
 from lightning_app.data.augment import AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
-from lightning_app.data.errors import DatasetNotFoundError
 from lightning_app.data.resize import ImageSize, ResizeMode
 from lightning_app.data.sources import ArraySource, SplitDataset
 from lightning_app.data.splits import stratified_split
+from lightning_app.errors import DatasetFileError, DatasetNotFoundError
 
 CIFAR10_CLASSES: List[str] = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -88,7 +88,7 @@ def _verify_cifar10_md5(folder: Path) -> None:
 
     bad = [name for name, md5 in CIFAR10.train_list + CIFAR10.test_list if not check_integrity(str(folder / name), md5)]
     if bad:
-        raise RuntimeError(
+        raise DatasetFileError(
             f"CIFAR-10 files with a wrong md5 in {str(folder)!r}: {bad}; delete them and download again"
         )
 
@@ -101,9 +101,9 @@ def read_cifar_batch(path: os.PathLike) -> Tuple[np.ndarray, np.ndarray]:
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as err:
-        raise RuntimeError(f"{os.fspath(path)!r} is not a CIFAR python batch ({type(err).__name__}: {err})") from err
+        raise DatasetFileError(f"{os.fspath(path)!r} is not a CIFAR python batch ({type(err).__name__}: {err})") from err
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise RuntimeError(
+        raise DatasetFileError(
             f"{os.fspath(path)!r}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}"
         )
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
@@ -179,7 +179,7 @@ class Cifar10DataModule(BaseImageDataModule):
         folder = self.root / CIFAR10_FOLDER
         names = read_cifar10_classes(folder)
         if names is not None and names != CIFAR10_CLASSES:
-            raise RuntimeError(f"{str(folder / CIFAR10_META_FILE)!r} lists classes {names}, expected {CIFAR10_CLASSES}")
+            raise DatasetFileError(f"{str(folder / CIFAR10_META_FILE)!r} lists classes {names}, expected {CIFAR10_CLASSES}")
         x_train, y_train = read_cifar10(folder, train=True)
         x_test, y_test = read_cifar10(folder, train=False)
         train_src = ArraySource(x_train, y_train, name="cifar10_train")

@@ -9,13 +9,13 @@ from lightning_app.data.augment import Augment, AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
 from lightning_app.data.bundled import ArrayDataModule, DigitsDataModule
 from lightning_app.data.cifar import Cifar10DataModule
-from lightning_app.data.errors import DatasetLayoutError, DatasetNotFoundError
 from lightning_app.data.filesets import FileList, build_file_splits
 from lightning_app.data.folders import find_classes, index_class_folders, resolve_split_dir
 from lightning_app.data.food import Food101DataModule
 from lightning_app.data.images import Verify, check_verify_mode
 from lightning_app.data.resize import ImageSize, ResizeMode
 from lightning_app.data.sources import SplitDataset
+from lightning_app.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError
 
 __all__ = [
     "Augment",
@@ -81,10 +81,10 @@ class ImageFolderDataModule(BaseImageDataModule):
         )
         check_verify_mode(verify)
         if not (0 <= val_split < 1 and 0 <= test_split < 1 and val_split + test_split < 1):
-            raise ValueError(f"val_split={val_split}, test_split={test_split}: each in [0, 1), sum < 1")
+            raise ConfigError(f"val_split={val_split}, test_split={test_split}: each in [0, 1), sum < 1")
         self.root = Path(os.path.expanduser(root))
         if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(self.root)!r} does not exist or is not a directory")
+            raise DatasetNotFoundError(f"dataset root {str(self.root)!r} does not exist or is not a directory")
         self.val_split = float(val_split)
         self.test_split = float(test_split)
         self.verify: Verify = verify

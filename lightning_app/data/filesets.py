@@ -6,10 +6,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lightning_app.data.errors import DatasetLayoutError
 from lightning_app.data.images import PathLike, Verify, scan_images
 from lightning_app.data.sources import FileSource
 from lightning_app.data.splits import stratified_split
+from lightning_app.errors import DatasetLayoutError
 
 FileList = Tuple[Sequence[str], Sequence[int]]
 

@@ -5,15 +5,15 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from lightning_app.data.errors import DatasetLayoutError
 from lightning_app.data.images import IMG_EXTENSIONS, PathLike, is_image_file
+from lightning_app.errors import DatasetLayoutError, DatasetNotFoundError
 
 
 def find_classes(directory: PathLike) -> List[str]:
     """Sorted names of the non-hidden subfolders of ``directory`` (one per class)."""
     d = Path(directory)
     if not d.is_dir():
-        raise FileNotFoundError(f"image folder {str(d)!r} does not exist or is not a directory")
+        raise DatasetNotFoundError(f"image folder {str(d)!r} does not exist or is not a directory")
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         loose = [e.name for e in os.scandir(d) if e.is_file() and is_image_file(e.name)]

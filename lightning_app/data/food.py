@@ -8,11 +8,11 @@ from typing import Dict, List, Optional, Tuple
 
 from lightning_app.data.augment import AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
-from lightning_app.data.errors import DatasetLayoutError, DatasetNotFoundError
 from lightning_app.data.filesets import build_file_splits
 from lightning_app.data.images import Verify, check_verify_mode
 from lightning_app.data.resize import ImageSize, ResizeMode
 from lightning_app.data.sources import SplitDataset
+from lightning_app.errors import DatasetLayoutError, DatasetNotFoundError
 
 FOOD101_URL = "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz"  # = torchvision.datasets.Food101._URL
 FOOD101_ARCHIVE = "food-101.tar.gz"

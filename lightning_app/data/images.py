@@ -26,6 +26,8 @@ from typing import Iterable, List, Literal, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lightning_app.errors import ConfigError
+
 PathLike = Union[str, os.PathLike]
 Verify = Literal["none", "header", "full"]
 
@@ -44,6 +46,16 @@ class ImageDecodeError(RuntimeError):
         super().__init__(f"cannot decode image {os.fspath(path)!r}: {reason}")
         self.path = os.fspath(path)
         self.reason = reason
+
+
+class BadImageWarning(UserWarning):
+    """An image file could not be used; the warning's location is the file itself (``path:0: BadImageWarning``)."""
+
+
+def warn_bad_image(path: PathLike, message: str) -> None:
+    """Warn about ``path`` with the image file as the warning's location (not the code that happened to read it,
+    e.g. torch's DataLoader ``fetch.py``); printed every time, once per file and reason."""
+    warnings.warn_explicit(message, BadImageWarning, filename=os.fspath(path), lineno=0, module="lightning_app.data")
 
 
 def is_image_file(name: str) -> bool:
@@ -120,7 +132,7 @@ def check_image(path: PathLike, verify: Verify = "header") -> Union[str, None]:
 def check_verify_mode(verify: str) -> Verify:
     """Validate a ``verify`` argument (``"none"``, ``"header"`` or ``"full"``)."""
     if verify not in ("none", "header", "full"):
-        raise ValueError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
+        raise ConfigError(f"verify must be 'none', 'header' or 'full', got {verify!r}")
     return verify
 
 

@@ -18,6 +18,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from lightning_app.errors import ConfigError
+
 ResizeMode = Literal["squash", "crop"]
 ImageSize = Union[int, Sequence[int]]
 
@@ -29,9 +31,9 @@ def as_hw(image_size: ImageSize) -> Tuple[int, int]:
     else:
         hw = tuple(int(s) for s in image_size)
         if len(hw) != 2:
-            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+            raise ConfigError(f"image_size must be an int or (height, width), got {image_size!r}")
     if min(hw) <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
+        raise ConfigError(f"image_size must be positive, got {image_size!r}")
     return hw  # type: ignore[return-value]
 
 
@@ -53,7 +55,7 @@ def resize_image(
 ) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array (or ``(3, H, W)`` uint8 tensor) -> ``(3, *size)`` uint8 tensor."""
     if mode not in ("squash", "crop"):
-        raise ValueError(f"resize must be 'squash' or 'crop', got {mode!r}")
+        raise ConfigError(f"resize must be 'squash' or 'crop', got {mode!r}")
     if isinstance(image, np.ndarray):
         # numpy's HWC -> CHW copy (a channels-last tensor makes resize / contiguous() very slow on CPU);
         # np.array(copy=True): the result never shares memory with the caller's array

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 from typing import List, Optional, Protocol, Sequence, Tuple
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_app.data.images import ImageDecodeError, PathLike, load_rgb, relpath_or_abs
+from lightning_app.data.images import ImageDecodeError, PathLike, load_rgb, relpath_or_abs, warn_bad_image
 from lightning_app.data.resize import ResizeMode, resize_image
 
 
@@ -154,11 +153,8 @@ class SplitDataset(Dataset):
                 image, label = self._sample(j)
             except ImageDecodeError:
                 continue
-            warnings.warn(
-                f"{first}; using sample {j} ({self.source.describe(int(self.ids[j]))}) in its place",
-                UserWarning,
-                stacklevel=2,
-            )
+            warn_bad_image(first.path, f"{first}; sample {j} of the split ({self.source.describe(int(self.ids[j]))}) "
+                                       f"is used in its place")
             return image, label, index
         raise RuntimeError(f"no readable image in this split of {n} samples; first failure: {first}")
 

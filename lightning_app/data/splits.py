@@ -5,6 +5,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from lightning_app.errors import ConfigError
+
 
 def stratified_split(
     labels: Sequence[int],
@@ -21,7 +23,7 @@ def stratified_split(
     with a fixed seed is stable across numpy releases).
     """
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
-        raise ValueError(
+        raise ConfigError(
             f"val_split={val_fraction} and test_split={test_fraction} must be in [0, 1) and sum to less than 1"
         )
     labels = np.asarray(labels, dtype=np.int64)

@@ -147,5 +147,7 @@ def get_entry(name: str) -> ZooEntry:
     """Look up a zoo entry by Keras name (case-insensitive) or timm architecture name."""
     entry = _BY_LOWER.get(name.lower())
     if entry is None:
-        raise KeyError(f"unknown model {name!r}; the zoo has: {', '.join(REGISTRY)}")
+        from lightning_app.errors import UnknownModelError
+
+        raise UnknownModelError(f"unknown model {name!r}; the zoo has: {', '.join(REGISTRY)}")
     return entry

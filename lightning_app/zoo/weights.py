@@ -15,13 +15,10 @@ from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
+from lightning_app.errors import WeightsUnavailableError
 from lightning_app.zoo.registry import WeightFile, ZooEntry
 
 CACHE_ENV = "KERAS_ZOO_CACHE"
-
-
-class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights are not in the cache and cannot be downloaded."""
 
 
 def cache_dir() -> Path:
