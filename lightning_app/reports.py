@@ -5,7 +5,11 @@ backend change, no display needed) and written atomically (temporary file + ``os
 
 :class:`TrainingReport` (a callback) writes into ``<log_dir>/reports/``:
 
-* ``history.csv`` and ``curves.png``: train / val loss and accuracy per epoch (rewritten each epoch);
+* ``history.csv`` and ``curves.png``: train / val loss and accuracy per epoch (rewritten each epoch), with
+  per epoch its wall time (``epoch_time_s``: training and validation), the training throughput
+  (``train_images_per_s``: images of all ranks over the training part of the epoch) and, with a
+  :class:`~lightning_app.finetune.LayerwiseUnfreezing` callback, the number of backbone layer groups
+  trainable (``unfrozen_groups``); the curves mark the epochs where more groups were unfrozen;
 * at test: ``confusion_matrix.csv`` / ``.png`` and ``test_predictions.png`` (images with predicted
   and true labels, wrong ones in red). With several test dataloaders the files get the suffix
   ``_dl<i>`` and, by default, only dataloader 0 (the clean test split of a robustness run) gets
@@ -22,6 +26,7 @@ import csv
 import io
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,23 +47,60 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def plot_curves(history: Sequence[Dict[str, float]], path: Union[str, os.PathLike]) -> Path:
-    """Loss and accuracy per epoch, train and val, side by side."""
+def unfreeze_epochs(history: Sequence[Dict[str, float]]) -> List[Tuple[int, int]]:
+    """``[(epoch, groups unfrozen at its start), ...]`` from the ``unfrozen_groups`` column of a history."""
+    out: List[Tuple[int, int]] = []
+    before = 0
+    for h in sorted(history, key=lambda r: r["epoch"]):
+        n = h.get("unfrozen_groups")
+        if n is None or n == "":
+            continue
+        n = int(n)
+        if n > before:
+            out.append((int(h["epoch"]), n - before))
+        before = n
+    return out
+
+
+def style_epoch_axis(ax: Any, unfreezes: Sequence[Tuple[int, int]] = ()) -> None:
+    """Integer epoch ticks and a dashed line (labelled ``+n groups``) where layer groups were unfrozen:
+    between the last epoch before and the first epoch after (unfreezing happens at an epoch's start)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    for k, (epoch, n) in enumerate(unfreezes):
+        ax.axvline(epoch - 0.5, color="0.35", linestyle="--", linewidth=1, zorder=0,
+                   label="unfreeze" if k == 0 else None)
+        ax.annotate(f"+{n} group{'s' if n > 1 else ''}", xy=(epoch - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", ha="left", va="top", fontsize=8, color="0.25")
+
+
+def plot_curves(history: Sequence[Dict[str, float]], path: Union[str, os.PathLike],
+                unfreezes: Optional[Sequence[Tuple[int, int]]] = None) -> Path:
+    """Loss and accuracy per epoch, train and val, side by side; integer epochs; unfreeze epochs
+    (``unfreezes``, default: from the history's ``unfrozen_groups``) marked on both panels."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
+    if unfreezes is None:
+        unfreezes = unfreeze_epochs(history)
+    fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "acc")):
         for split, style in (("train", "-o"), ("val", "-s")):
-            pts = [(h["epoch"], h[f"{split}_{metric}"]) for h in history if h.get(f"{split}_{metric}") is not None]
+            pts = [(h["epoch"], h[f"{split}_{metric}"]) for h in history
+                   if h.get(f"{split}_{metric}") not in (None, "")]
             if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, label=split, markersize=3)
-        ax.set_xlabel("epoch")
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, ys, style, label=split, markersize=4)
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.set_title("accuracy" if metric == "acc" else "loss")
+        if metric == "acc":
+            ax.set_ylim(0, 1.02)
+        style_epoch_axis(ax, unfreezes)
         ax.grid(alpha=0.3)
-        ax.legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.06), frameon=False)
     return save_figure(fig, path)
 
 
@@ -139,6 +181,17 @@ def report_dir(trainer: "pl.Trainer", dirname: str = "reports") -> Path:
     return Path(base) / dirname
 
 
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: ``(x, y, ...)``, a list of such mini-batches (``steps_per_execution``) or a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (list, tuple)) and batch:
+        if isinstance(batch[0], torch.Tensor):
+            return int(batch[0].shape[0])
+        return sum(_batch_size(b) for b in batch)
+    return 0
+
+
 class TrainingReport(Callback):
     """Writes learning curves during fit and confusion matrix / prediction grid at test.
 
@@ -158,14 +211,52 @@ class TrainingReport(Callback):
         self.history: List[Dict[str, float]] = []
         self._test: Dict[int, Dict[str, List[torch.Tensor]]] = {}
         self.written: List[Path] = []
+        self._epoch_start: Optional[float] = None
+        self._train_end: Optional[float] = None
+        self._images = 0
 
     # -- fit
+    @staticmethod
+    def _now(pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # once per epoch: the time of the work, not of its launch
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._epoch_start, self._train_end, self._images = self._now(pl_module), None, 0
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._images += _batch_size(batch)
+
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if trainer.training and not trainer.sanity_checking and self._train_end is None:
+            self._train_end = self._now(pl_module)
+
+    def _timing(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> Dict[str, float]:
+        if self._epoch_start is None:
+            return {}
+        end = self._now(pl_module)
+        train_time = (self._train_end or end) - self._epoch_start
+        out = {"epoch_time_s": end - self._epoch_start}
+        if self._images and train_time > 0:
+            # the distributed sampler gives every rank the same number of batches
+            out["train_images_per_s"] = self._images * trainer.world_size / train_time
+        return out
+
+    @staticmethod
+    def _unfrozen(trainer: "pl.Trainer") -> Dict[str, float]:
+        from lightning_app.finetune import LayerwiseUnfreezing
+
+        cb = next((c for c in trainer.callbacks if isinstance(c, LayerwiseUnfreezing)), None)
+        return {} if cb is None else {"unfrozen_groups": cb.num_unfrozen}
+
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (torch.Tensor, float, int))
              and (k.startswith("train_") or k.startswith("val_"))}
-        row = {"epoch": trainer.current_epoch, **m}
+        row = {"epoch": trainer.current_epoch, **m, **self._timing(trainer, pl_module), **self._unfrozen(trainer)}
         self.history = [h for h in self.history if h["epoch"] != row["epoch"]] + [row]
         out = report_dir(trainer, self.dirname)  # collective: every rank
         if trainer.is_global_zero:
@@ -295,5 +386,7 @@ __all__ = [
     "plot_curves",
     "plot_prediction_grid",
     "report_dir",
+    "style_epoch_axis",
+    "unfreeze_epochs",
     "write_confusion_matrix",
 ]

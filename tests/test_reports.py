@@ -76,6 +76,53 @@ def test_training_report_end_to_end(tmp_path):
     assert abs(acc - t.callback_metrics["test_acc"].item()) < 1e-6
     metrics = read_csv(tmp_path / "run" / "version_0" / "metrics.csv")  # the CSVLogger's metrics file
     assert "val_acc" in metrics[0] and "train_loss" in metrics[0]
+    # wall time and throughput per epoch: 24 training images per epoch (40 - 8 test - 8 val)
+    for r in hist[1:]:
+        assert float(r[header.index("epoch_time_s")]) > 0 and float(r[header.index("train_images_per_s")]) > 0
+    assert len(dm.dataset("train")) == 24
+    assert "unfrozen_groups" not in header  # no LayerwiseUnfreezing callback
+
+
+def test_history_records_unfreezing_and_curves_mark_it(tmp_path):
+    from lightning_app.finetune import LayerwiseUnfreezing
+    from lightning_app.reports import unfreeze_epochs
+
+    rng = np.random.default_rng(1)
+    dm = ArrayDataModule((rng.random((24, 8, 8, 3)) * 255).astype(np.uint8), np.arange(24) % 2, ["a", "b"],
+                         image_size=32, batch_size=8, val_split=0.25, test_split=0.0, num_workers=0)
+    model = TransferModule("test_resnet", 2, weights=None, stage="finetune", lr=1e-2)
+    report = TrainingReport(grid_size=0)
+    t = pl.Trainer(accelerator="cpu", max_epochs=4, logger=CSVLogger(tmp_path, name="run"), enable_checkpointing=False,
+                   callbacks=[LayerwiseUnfreezing({1: 1, 3: 2}), report], enable_progress_bar=False,
+                   enable_model_summary=False)
+    t.fit(model, dm)
+    hist = read_csv(tmp_path / "run" / "version_0" / "reports" / "history.csv")
+    col = hist[0].index("unfrozen_groups")
+    assert [int(float(r[col])) for r in hist[1:]] == [0, 1, 1, 3]
+    assert unfreeze_epochs(report.history) == [(1, 1), (3, 2)]
+    assert unfreeze_epochs([{"epoch": 0}, {"epoch": 1}]) == []  # no unfreezing column: nothing to mark
+
+
+def test_curve_axes_have_integer_epochs_and_unfreeze_lines(tmp_path, monkeypatch):
+    from lightning_app import reports
+
+    seen = {}
+    real = reports.save_figure
+
+    def spy(fig, path, **kw):
+        seen["axes"] = fig.axes
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(reports, "save_figure", spy)
+    hist = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": e / 10, "val_acc": e / 11,
+             "unfrozen_groups": [0, 0, 1, 1, 3, 3, 3, 3, 3, 3, 3][e]} for e in range(11)]
+    plot_curves(hist, tmp_path / "c.png")
+    for ax in seen["axes"]:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        lines = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert lines == [1.5, 3.5]  # between the last frozen epoch and the first unfrozen one
+        assert [t.get_text() for t in ax.texts] == ["+1 group", "+2 groups"]
 
 
 def test_report_drops_distributed_padding_repeats(tmp_path):

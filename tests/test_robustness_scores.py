@@ -140,3 +140,51 @@ def test_attack_parameters_accept_fractions():
     assert parse_number("4 / 255", "eps") == 4 / 255
     with pytest.raises(ValueError, match="fraction like '8/255'"):
         parse_attack({"name": "fgsm", "eps": "eight"})
+
+
+# ----------------------------------------------------------------------------- charts
+def _fig_axes(monkeypatch, fn, *args):
+    from lightning_app.robustness import plots
+
+    seen = {}
+    real = plots.save_figure
+
+    def spy(fig, path, **kw):
+        seen["fig"] = fig
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    assert fn(*args).read_bytes()[:4] == b"\x89PNG"
+    return [ax for ax in seen["fig"].axes if ax.get_visible()]
+
+
+def _rows(model, clean):
+    from lightning_app.perturb import CORRUPTIONS
+
+    rows = [Result("clean", "clean", 0, clean, model=model)]
+    rows += [Result(n, "corruption", s, clean - 0.1 * s, exact=c.exact, model=model)
+             for n, c in CORRUPTIONS.items() for s in (1, 3, 5)]
+    return rows + [Result("fgsm", "attack", 0, 0.2, model=model)]
+
+
+def test_chart_has_a_panel_per_category_with_clean_marked(tmp_path, monkeypatch):
+    from lightning_app.robustness.plots import plot_accuracy_vs_severity
+
+    axes = _fig_axes(monkeypatch, plot_accuracy_vs_severity, _rows("m", 0.9), tmp_path / "r.png")
+    assert [ax.get_title() for ax in axes] == ["noise", "blur", "weather", "digital", "all corruptions and attacks"]
+    for ax in axes:
+        clean = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert [ln.get_ydata()[0] for ln in clean] == [0.9] and "clean 90.0%" in [t.get_text() for t in ax.get_legend().texts]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "1", "2", "3", "4", "5"]
+    weather = [t.get_text() for t in axes[2].get_legend().texts]
+    assert {"fog", "brightness", "spatter"} <= set(weather) and "snow ≈" in weather
+    assert "fgsm 20.0%" in [t.get_text() for t in axes[4].get_legend().texts]
+
+
+def test_comparison_chart_has_category_panels(tmp_path, monkeypatch):
+    from lightning_app.robustness.plots import plot_comparison
+
+    axes = _fig_axes(monkeypatch, plot_comparison, {"a": _rows("a", 0.9), "b": _rows("b", 0.8)}, tmp_path / "c.png")
+    assert [ax.get_title().split(" ")[0] for ax in axes] == ["noise", "blur", "weather", "digital", "clean,"]
+    for ax in axes[:4]:
+        assert sorted(ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--") == [0.8, 0.9]

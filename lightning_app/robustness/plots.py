@@ -1,77 +1,150 @@
-"""Robustness charts (matplotlib object API on the Agg canvas; no pyplot, no global backend change)."""
+"""Robustness charts (matplotlib object API on the Agg canvas; no pyplot, no global backend change).
+
+Both charts have one panel per ImageNet-C corruption category (noise, blur, weather, digital), each
+starting from the clean accuracy at severity 0 ("clean") and marking it with a dashed line, so a
+reader sees at a glance which kind of corruption hurts and how much of the clean accuracy is left.
+"""
 from __future__ import annotations
 
+import math
 import os
+import textwrap
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from lightning_app.atomic import save_figure
-from lightning_app.robustness.results import APPROX_MARK, Result, accuracy_by_severity, mean_corruption_accuracy
+from lightning_app.perturb import CORRUPTIONS
+from lightning_app.robustness.results import APPROX_MARK, Result, mean_corruption_accuracy
 
 PathLike = Union[str, os.PathLike]
-_STYLES = ("-", "--", "-.", ":")
+#: ImageNet-C's four corruption groups, in the paper's order.
+CATEGORIES = ("noise", "blur", "weather", "digital")
+_SEVERITY_TICKS = (range(0, 6), ["clean", "1", "2", "3", "4", "5"])
+
+
+def category(name: str) -> str:
+    """The ImageNet-C group of a corruption (``other`` for names this version does not know)."""
+    entry = CORRUPTIONS.get(name)
+    return entry.category if entry is not None else "other"
+
+
+def _by_category(rows: Sequence[Result]) -> Dict[str, Dict[str, List[Result]]]:
+    """``{category: {corruption: rows sorted by severity}}`` in the paper's category order."""
+    groups: Dict[str, Dict[str, List[Result]]] = {}
+    for r in rows:
+        if r.kind == "corruption":
+            groups.setdefault(category(r.perturbation), {}).setdefault(r.perturbation, []).append(r)
+    order = [c for c in CATEGORIES if c in groups] + sorted(c for c in groups if c not in CATEGORIES)
+    return {c: {n: sorted(rs, key=lambda r: r.severity) for n, rs in groups[c].items()} for c in order}
+
+
+def _severity_axis(ax, ylabel: bool) -> None:
+    ax.set_xticks(list(_SEVERITY_TICKS[0]))
+    ax.set_xticklabels(_SEVERITY_TICKS[1])
+    ax.set_xlim(-0.2, 5.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("severity")
+    if ylabel:
+        ax.set_ylabel("top-1 accuracy")
+    ax.grid(alpha=0.3)
+
+
+def _mark_clean(ax, top1: float, color: str = "black", label: Optional[str] = None) -> None:
+    ax.axhline(top1, color=color, linestyle="--", linewidth=1, zorder=1,
+               label=label if label is not None else f"clean {100 * top1:.1f}%")
+
+
+def _grid(n_panels: int, width: float = 4.6, height: float = 3.9):
+    from matplotlib.figure import Figure
+
+    cols = min(3, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
 
 
 def plot_accuracy_vs_severity(rows: Sequence[Result], path: PathLike, title: Optional[str] = None) -> Path:
-    """Top-1 accuracy against severity, one line per corruption (starting from clean at severity 0
-    when present); attacks as horizontal dotted lines. Approximate corruptions are marked ``≈``."""
+    """One model: a panel per corruption category (top-1 against severity, one line per corruption,
+    from clean at severity 0; the clean accuracy dashed), and a summary panel: the mean over the
+    corruptions per severity and the attacks (dotted). Approximate corruptions are marked ``≈``."""
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
     clean = next((r for r in rows if r.kind == "clean"), None)
-    corruptions: dict = {}
-    for r in rows:
-        if r.kind == "corruption":
-            corruptions.setdefault(r.perturbation, []).append(r)
-    fig = Figure(figsize=(9, 5.5))
-    ax = fig.subplots()
-    cmap = colormaps["tab20"]
-    for i, (name, rs) in enumerate(corruptions.items()):
-        rs = sorted(rs, key=lambda r: r.severity)
-        xs, ys = [r.severity for r in rs], [r.top1 for r in rs]
+    groups = _by_category(rows)
+    attacks = [r for r in rows if r.kind == "attack"]
+    panels = list(groups) + (["summary"] if groups or attacks else [])
+    fig, axes = _grid(max(1, len(panels)))
+    cmap = colormaps["tab10"]
+    for k, (ax, cat) in enumerate(zip(axes, panels)):
+        if cat == "summary":
+            means = {s: [] for s in range(1, 6)}
+            for r in rows:
+                if r.kind == "corruption":
+                    means.setdefault(r.severity, []).append(r.top1)
+            xs = [s for s in sorted(means) if means[s]]
+            ys = [sum(means[s]) / len(means[s]) for s in xs]
+            if clean is not None:
+                xs, ys = [0] + xs, [clean.top1] + ys
+            if xs:
+                ax.plot(xs, ys, "-o", color="black", markersize=4, label="mean over corruptions")
+            for j, r in enumerate(attacks):
+                ax.axhline(r.top1, color=cmap((j + 3) % 10), linestyle=":", linewidth=2,
+                           label=f"{r.perturbation} {100 * r.top1:.1f}%")
+            ax.set_title("all corruptions" + (" and attacks" if attacks else ""))
+        else:
+            for i, (name, rs) in enumerate(groups[cat].items()):
+                xs, ys = [r.severity for r in rs], [r.top1 for r in rs]
+                if clean is not None:
+                    xs, ys = [0] + xs, [clean.top1] + ys
+                label = name if rs[0].exact else f"{name} {APPROX_MARK}"
+                ax.plot(xs, ys, "-o", markersize=4, color=cmap(i % 10), label=label)
+            ax.set_title(cat)
         if clean is not None:
-            xs, ys = [0] + xs, [clean.top1] + ys
-        label = name if rs[0].exact else f"{name} {APPROX_MARK}"
-        color = cmap((2 * i) % 20 + (i // 10) % 2)  # dark tab20 shades first, then the light ones
-        ax.plot(xs, ys, _STYLES[(i // 20) % len(_STYLES)], marker="o", markersize=3, color=color, label=label)
-    if clean is not None:
-        ax.axhline(clean.top1, color="black", linestyle="--", linewidth=1, label=f"clean ({100 * clean.top1:.1f}%)")
-    for j, r in enumerate(r for r in rows if r.kind == "attack"):
-        ax.axhline(r.top1, color=str(0.25 + 0.2 * (j % 3)), linestyle=":", linewidth=1.5,
-                   label=f"{r.perturbation} ({100 * r.top1:.1f}%)")
-    ax.set_xticks(range(0, 6))
-    ax.set_xticklabels(["clean", "1", "2", "3", "4", "5"])
-    ax.set_xlabel("severity")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(title or "accuracy under corruption")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+            _mark_clean(ax, clean.top1)
+        _severity_axis(ax, ylabel=k % 3 == 0)
+        ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    fig.suptitle(title or "accuracy under corruption", fontsize=11)
     return save_figure(fig, path)
 
 
 def plot_comparison(tables: Mapping[str, Sequence[Result]], path: PathLike, title: Optional[str] = None) -> Path:
-    """Left: mean top-1 over corruptions against severity, one line per model (0 = clean).
-    Right: clean, mean-corruption and attack top-1 per model, as grouped bars."""
+    """Several models: a panel per corruption category (the category's mean top-1 against severity, one
+    line per model from its clean accuracy, which is dashed in the model's colour), then grouped bars of
+    clean, mean-corruption and attack top-1 per model."""
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 5))
-    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
     cmap = colormaps["tab10"]
-    for i, (model, rows) in enumerate(tables.items()):
-        by_sev = accuracy_by_severity(rows)
-        if by_sev:
-            left.plot(list(by_sev), list(by_sev.values()), "-o", markersize=4, color=cmap(i % 10), label=model)
-    left.set_xticks(range(0, 6))
-    left.set_xticklabels(["clean", "1", "2", "3", "4", "5"])
-    left.set_xlabel("severity")
-    left.set_ylabel("mean top-1 over corruptions")
-    left.set_ylim(0, 1.02)
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    left.set_title("accuracy against severity")
+    cats: List[str] = []
+    for rows in tables.values():
+        for c in _by_category(rows):
+            if c not in cats:
+                cats.append(c)
+    cats = [c for c in CATEGORIES if c in cats] + [c for c in cats if c not in CATEGORIES]
+    fig, axes = _grid(len(cats) + 1)
+    for k, (ax, cat) in enumerate(zip(axes, cats)):
+        for i, (model, rows) in enumerate(tables.items()):
+            group = _by_category(rows).get(cat, {})
+            per_sev: Dict[int, List[float]] = {}
+            for rs in group.values():
+                for r in rs:
+                    per_sev.setdefault(r.severity, []).append(r.top1)
+            xs = sorted(per_sev)
+            ys = [sum(per_sev[s]) / len(per_sev[s]) for s in xs]
+            clean = next((r for r in rows if r.kind == "clean"), None)
+            if clean is not None:
+                xs, ys = [0] + xs, [clean.top1] + ys
+                _mark_clean(ax, clean.top1, color=cmap(i % 10), label="")
+            if xs:
+                ax.plot(xs, ys, "-o", markersize=4, color=cmap(i % 10), label=model)
+        names = sorted({n for rows in tables.values() for n in _by_category(rows).get(cat, {})})
+        ax.set_title(f"{cat} (mean)\n" + textwrap.fill(", ".join(names), 60), fontsize=9)
+        _severity_axis(ax, ylabel=k % 3 == 0)
+        ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
+    ax = axes[-1]
     groups: list = []
     for rows in tables.values():
         for r in rows:
@@ -86,18 +159,17 @@ def plot_comparison(tables: Mapping[str, Sequence[Result]], path: PathLike, titl
                 vals.append(mean_corruption_accuracy(rows))
             else:
                 vals.append(next((r.top1 for r in rows if r.perturbation == g and r.kind != "corruption"), float("nan")))
-        xs = [k + i * width - 0.4 + width / 2 for k in range(len(groups))]
-        right.bar(xs, vals, width, color=cmap(i % 10), label=model)
-    right.set_xticks(range(len(groups)))
-    right.set_xticklabels(groups, rotation=20)
-    right.set_ylabel("top-1 accuracy")
-    right.set_ylim(0, 1.02)
-    right.grid(alpha=0.3, axis="y")
-    right.set_title("clean, corrupted and adversarial accuracy")
-    right.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+        xs = [j + i * width - 0.4 + width / 2 for j in range(len(groups))]
+        ax.bar(xs, vals, width, color=cmap(i % 10), label=model)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20)
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("clean, corrupted and adversarial accuracy", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle(title or f"robustness ({len(tables)} models)", fontsize=11)
     return save_figure(fig, path)
 
 
-__all__ = ["plot_accuracy_vs_severity", "plot_comparison"]
+__all__ = ["CATEGORIES", "category", "plot_accuracy_vs_severity", "plot_comparison"]
