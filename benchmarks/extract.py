@@ -1,181 +1,183 @@
-"""Feature-extraction throughput: our backbones against Keras, same model, same weights, same run.
+"""(a) Feature extraction as ``python -m lightning_app fit --config configs/cifar10.yaml`` performs it, against
+Keras 3 (JAX and TensorFlow backends) doing the seed notebook's job, same images, same weights, same run.
 
-The reference is what users run today: Keras 3 on TensorFlow (``pip install -e ".[bench]"``),
-``model.predict`` of an ``include_top=False, pooling="avg"`` model at the native size.
-Keras on the torch backend is reported too. Ours is timed plain (eager) and with each
-inference optimisation added in turn, so the table shows what each buys:
+Data: an offline CIFAR-10-format folder (``cifar-10-batches-py``, the official pickle layout) of ``--n-images``
+32x32 crops of the photographs bundled with scikit-image, upsampled to each model's native size.
 
-  eager          model(x) under torch.no_grad, NCHW
-  +inference     torch.inference_mode + channels_last memory format
-  +bn-fold       torch.jit.trace + freeze (folds BatchNorm into convolutions)
-  +onednn        torch.jit.optimize_for_inference (oneDNN / MKLDNN kernels on CPU)
-  +compile       torch.compile (inductor) with weight freezing: BN folding and oneDNN weight prepacking
-                 at compile time (skip with --no-compile; compiling takes ~30 s per model on 2 cores)
+Ours: the CLI's own ``fit`` (``TransferCLI`` from ``lightning_app.cli`` with the config as shipped; only the
+data root, backbone, weights file, image size, cache dir and ``max_epochs 0`` are overridden), which extracts
+train + val features through the Trainer's predict loop into the on-disk cache (``features.rebuild true``).
+Timed with a callback: ``wall_s`` from ``before_fit`` to the start of head training (both splits, cache
+written and merged, warm-up and compilation included); ``img_s`` the steady state of the train split (first
+``--warmup-batches`` and a smaller last batch left out, data waits included); where the time goes inside that
+window: ``model %`` = inside ``predict_step`` (the backbone), the rest = waiting for the DataLoader
+(decode + resize in CPU workers), the device-side batch preparation and the cache writer. ``loader img/s``:
+the image DataModule's predict loader alone (no model), after its first batch.
+Keras: ``Resizing`` + ``preprocess_input`` + ``include_top=False, pooling="avg"`` model, ``predict`` over the
+same images, ``np.save`` (see ``_keras.extract``); ``img_s`` is a second, warm ``predict``.
+Sanity guard: ours and Keras features of two images must agree (``rel diff``; ours resizes to uint8 in the
+data workers, Keras in float on the device, so ~1e-2 is expected, bf16 more).
 
-Usage: python benchmarks/extract.py [--models InceptionV3 Xception] [--batch 16] [--repeats 3] [--no-compile]
-Each Keras backend runs in its own subprocess (a Keras backend is fixed per process).
+Usage: python benchmarks/extract.py [--models InceptionV3 ResNet50] [--n-images 256] [--batch 64]
+                                    [--keras jax tensorflow] [--json out.json]
+Defaults: on a GPU every zoo model and 2,048 images; on the CPU InceptionV3 and ResNet50, 192 images.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+from typing import Any, Dict
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import images_per_second  # noqa: E402
+from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, config_value, cuda_available,
+                      exit_on_sigterm, keras_backends, keras_env, keras_policy, photo_crops, rel_diff,
+                      run_worker, tiled, workdir, write_cifar10)  # noqa: E402
 
-SEED = 0
-
-
-def keras_worker(backend: str, model_name: str, size: int, mode: str, h5: Path, batch: int, repeats: int,
-                 save: bool) -> dict:
-    """Runs in a subprocess with KERAS_BACKEND set: time model.predict on one batch.
-
-    It imports nothing of ours (our package imports torch, which must not share a process with TensorFlow).
-    """
-    import keras
-
-    assert keras.backend.backend() == backend, keras.backend.backend()
-    keras.utils.set_random_seed(SEED)
-    model = getattr(keras.applications, model_name)(weights=None, include_top=False, pooling="avg",
-                                                     input_shape=(size, size, 3))
-    if save:  # the reference process writes the weights every runner uses
-        from keras.src.legacy.saving import legacy_h5_format
-        import h5py
-
-        with h5py.File(h5, "w") as f:
-            legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    else:
-        model.load_weights(h5)
-    x = np.random.default_rng(SEED).random((batch, size, size, 3), dtype=np.float32) * 255
-    x = keras.applications.imagenet_utils.preprocess_input(x, mode=mode)
-    ips = images_per_second(lambda: model.predict(x, batch_size=batch, verbose=0), batch, repeats)
-    features = model.predict(x[:2], batch_size=2, verbose=0)
-    return {"images_per_s": ips, "features": np.asarray(features).tolist()}
+CONFIG = ROOT / "configs" / "cifar10.yaml"
+SAMPLE_ROWS = 2  # images compared between ours and Keras
 
 
-def run_keras(backend: str, entry, h5: Path, args, save: bool) -> dict:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, __file__, "--worker", backend, "--models", entry.keras_name, "--h5", str(h5),
-           "--size", str(entry.input_size), "--mode", entry.mode,
-           "--batch", str(args.batch), "--repeats", str(args.repeats)] + (["--save"] if save else [])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"Keras ({backend}) worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# ----------------------------------------------------------------------------- ours (worker)
+def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from _ours import common_overrides, env_info, run_cli
+    from _timing import now
+
+    args = ["fit", "--config", spec["config"], *common_overrides(spec["run_dir"]),
+            "--model.backbone", spec["model"], "--model.weights", spec["h5"],
+            "--data.init_args.root", spec["data"], "--data.init_args.image_size", spec["size"],
+            "--features.cache_dir", spec["cache"], "--features.rebuild", "true",
+            "--trainer.max_epochs", 0, "--test_after_fit", "false"]
+    if spec.get("batch_override"):
+        args += ["--data.init_args.batch_size", spec["batch"], "--features.extract_batch_size", spec["batch"]]
+    cli, timer = run_cli(args, sync_batches=True)  # the feature writer's .cpu() synchronises every batch anyway
+    runs = sorted({b[0] for b in timer.batches["predict"]})
+    if not runs:
+        raise RuntimeError("the predict loop ran no batch: was the cache reused despite features.rebuild?")
+    steady = timer.window("predict", run=0, skip=spec["warmup_batches"])
+    fit_setup = timer.first("setup:fit")
+    first_start = timer.first("start:predict")
+    first_end = timer.batches["predict"][0][4]
+    images = sum(b[2] for b in timer.batches["predict"])
+    out = {"env": env_info(cli.trainer), "images": images, "splits": len(runs),
+           "batch": max(b[2] for b in timer.batches["predict"]),
+           "wall_s": fit_setup - timer.first("before_fit"), "img_s": steady["img_s"],
+           "model_img_s": steady["images"] / steady["step_s"] if steady["step_s"] else float("nan"),
+           "model_pct": 100 * steady["step_s"] / steady["window_s"], "steady_images": steady["images"],
+           "first_batch_s": first_end - first_start, "precision": str(cli.trainer.precision)}
+    out["device"] = "cuda" if out["env"].get("accelerator") == "cuda" else "cpu"
+    # the image DataModule the features came from, and the train split's first rows (sanity guard)
+    fdm = cli.datamodule
+    source = getattr(fdm, "source", None)
+    try:
+        ids = np.asarray(source.dataset("train").ids[:SAMPLE_ROWS])
+        out["sample_ids"] = ids.tolist()
+        out["sample_features"] = np.asarray(fdm.sets["train"].features[:SAMPLE_ROWS], np.float64).tolist()
+    except (AttributeError, KeyError, TypeError) as err:
+        out["sample_note"] = f"no sanity guard: the feature DataModule changed shape ({err})"
+    if spec["loader_batches"] and source is not None:
+        source.predict_split = "train"
+        it = iter(source.predict_dataloader())
+        next(it)  # workers start, first batch
+        t, n = now(), 0
+        for _ in range(spec["loader_batches"]):
+            try:
+                n += len(next(it)[1])
+            except StopIteration:
+                break
+        out["loader_img_s"] = n / (now() - t) if n else float("nan")
+        del it
+    return out
 
 
-def our_variants(model, example, use_compile: bool):
-    """(name, callable) for each cumulative optimisation of our backbone."""
-    import torch
-
-    model = model.eval()
-    x = example
-
-    def eager():
-        with torch.no_grad():
-            return model(x)
-
-    cl_model = model.to(memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-
-    def inference():
-        with torch.inference_mode():
-            return cl_model(x_cl)
-
-    variants = [("eager", eager), ("+inference", inference)]
-    with torch.no_grad():
-        frozen = torch.jit.freeze(torch.jit.trace(cl_model, x_cl))
-    variants.append(("+bn-fold", lambda: frozen(x_cl)))
-    with torch.no_grad():
-        onednn = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(cl_model, x_cl)))
-    variants.append(("+onednn", lambda: onednn(x_cl)))
-    if use_compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # constant-fold weights: BN folding, oneDNN weight prepacking
-        compiled = torch.compile(cl_model)
-
-        def compiled_step():
-            with torch.inference_mode():
-                return compiled(x_cl)
-
-        variants.append(("+compile", compiled_step))
-    return variants
-
-
-def bench_model(model_name: str, args) -> dict:
-    import torch
-
-    from converters.convert import convert, save_converted
-    from lightning_app.zoo import create_backbone, get_entry
-
-    entry = get_entry(model_name)
-    with tempfile.TemporaryDirectory() as tmp:
-        h5 = Path(tmp) / f"{model_name}_notop.h5"
-        keras_tf = run_keras("tensorflow", entry, h5, args, save=True)
-        keras_torch = run_keras("torch", entry, h5, args, save=False)
-        weights = save_converted(convert(model_name, h5), Path(tmp) / "ours.safetensors")
-        model = create_backbone(model_name, weights=weights, num_classes=0)
-    size = entry.input_size
-    rng = np.random.default_rng(SEED)
-    images = torch.from_numpy(rng.random((args.batch, size, size, 3), dtype=np.float32)).permute(0, 3, 1, 2)
-    mean, std = torch.tensor(entry.mean).view(1, 3, 1, 1), torch.tensor(entry.std).view(1, 3, 1, 1)
-    x = ((images - mean) / std).contiguous()
-    row = {"model": model_name, "keras_tf": keras_tf["images_per_s"], "keras_torch": keras_torch["images_per_s"]}
-    reference = np.asarray(keras_tf["features"])
-    for name, step in our_variants(model, x, args.compile):
-        row[name] = images_per_second(step, args.batch, args.repeats)
-        ours = step()[:2].float().numpy()
-        row[f"diff {name}"] = float(np.abs(ours - reference).max() / np.abs(reference).max())
-    return row
-
-
+# ----------------------------------------------------------------------------- driver
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--h5", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--save", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        result = keras_worker(args.worker, args.models[0], args.size, args.mode, args.h5, args.batch, args.repeats,
-                              args.save)
-        print(json.dumps(result))
-        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None, help="zoo models (default: all on GPU, 2 on CPU)")
+    p.add_argument("--n-images", type=int, default=None, help="CIFAR-format training images (train + val splits)")
+    p.add_argument("--batch", type=int, default=None, help="batch size for both (default: the config's)")
+    p.add_argument("--warmup-batches", type=int, default=2, help="batches left out of the steady-state rate")
+    p.add_argument("--loader-batches", type=int, default=4, help="batches of the loader-alone probe (0: skip)")
+    p.add_argument("--config", type=Path, default=CONFIG)
+    add_common_args(p)
+    args = p.parse_args()
+    exit_on_sigterm()
 
-    import torch
+    from lightning_app.zoo import get_entry, list_models
 
-    from lightning_app.zoo import list_models
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, native sizes, CPU",
+    device = "cuda" if cuda_available() else "cpu"
+    models = args.models or (list_models() if device == "cuda" else ["InceptionV3", "ResNet50"])
+    n = args.n_images or (2048 if device == "cuda" else 192)
+    batch = args.batch or config_value(args.config, "features", "extract_batch_size") or \
+        config_value(args.config, "data", "init_args", "batch_size", default=32)
+    policy = keras_policy(args.keras_policy, device)
+    config = dict(vars(args), models=models, n_images=n, batch=batch, device=device, keras_policy=policy)
+    res = Results("extract", args.json, config)
+    backends = keras_backends(args.keras, res)
+    work, tmp = workdir(args.workdir, "extract")
+    print(f"work dir {work}; {device}; models {models}; {n} images; batch {batch}; Keras {backends} ({policy})",
           flush=True)
-    header = None
-    for name in args.models or list_models():
-        r = bench_model(name, args)  # one row at a time: a long run still leaves its finished rows
-        ours_cols = [c for c in r if c.startswith(("eager", "+"))]
-        if header is None:
-            header = ("| model | Keras-TF img/s | Keras-torch img/s | " + " | ".join(f"ours {c}" for c in ours_cols)
-                      + " | best / Keras-TF | max rel. diff vs Keras-TF |")
-            print(header)
-            print("|" + "---|" * (header.count("|") - 1))
-        best = max(r[c] for c in ours_cols)
-        cells = " | ".join(f"{r[c]:.2f}" for c in ours_cols)
-        diff = max(r[f"diff {c}"] for c in ours_cols)
-        print(f"| {r['model']} | {r['keras_tf']:.2f} | {r['keras_torch']:.2f} | {cells} | "
-              f"{best / r['keras_tf']:.2f}x | {diff:.1e} |", flush=True)
+
+    pool = photo_crops(min(n, 1024), 32, seed=0)
+    labels = np.arange(n) % 10
+    write_cifar10(work / "data", tiled(pool, n), labels, pool[:10], np.arange(10))
+    here = Path(__file__).resolve()
+    try:
+        for model in models:
+            entry = get_entry(model)
+            h5 = work / f"{model}_notop.h5"
+            h5.unlink(missing_ok=True)
+            common = {"model": model, "size": entry.input_size, "mode": entry.mode, "h5": str(h5),
+                      "data": str(work / "data"), "batch": batch}
+            keras_features = {}
+            for i, backend in enumerate(backends):
+                runner = KERAS_RUNNERS[backend]
+                feats = work / f"{model}_{backend}_features.npy"
+                r = run_worker(ROOT / "benchmarks" / "_keras.py",
+                               dict(common, job="extract", runner=runner, save_h5=i == 0, features=str(feats),
+                                    policy=policy, tf_jit=args.tf_jit),
+                               work / "logs", keras_env(backend), args.timeout)
+                if "error" not in r:
+                    keras_features[runner] = feats
+                res.add(dict(r, model=model, size=entry.input_size, runner=runner))
+            if not h5.is_file():  # no Keras run saved weights: ours runs on its own random init
+                h5_arg = "null"
+                res.note(f"{model}: no Keras weights file, ours ran with random init (no sanity guard)")
+            else:
+                h5_arg = str(h5)
+            r = run_worker(here, dict(common, job="ours", runner=OURS, h5=h5_arg, config=str(args.config),
+                                      cache=str(work / "cache"), run_dir=str(work / "runs"),
+                                      batch_override=args.batch is not None, warmup_batches=args.warmup_batches,
+                                      loader_batches=args.loader_batches),
+                           work / "logs", None, args.timeout)
+            if "sample_ids" in r:
+                for runner, path in keras_features.items():
+                    ref = np.load(path, mmap_mode="r")[r["sample_ids"]]
+                    r[f"rel_diff_{runner}"] = rel_diff(r["sample_features"], ref)
+                    if r[f"rel_diff_{runner}"] > 5e-2:
+                        res.note(f"{model}: ours and {runner} features differ by {r[f'rel_diff_{runner}']:.1e} "
+                                 "(max rel.) on the same images and weights: check before trusting the timing")
+                r.pop("sample_features")
+            res.add(dict(r, model=model, size=entry.input_size, runner=OURS))
+    finally:
+        ref = "keras-jax" if "jax" in backends else "keras-tensorflow"
+        res.print_table(
+            f"Feature extraction, {n} CIFAR-format images upsampled to the native size, batch {batch}, {device}",
+            keys=["model", "size"], metric="img_s", unit="img/s", higher_is_better=True,
+            extra=[("ours wall s", OURS, "wall_s", ".1f"), ("Keras-JAX wall s", "keras-jax", "wall_s", ".1f"),
+                   ("Keras-TF wall s", "keras-tensorflow", "wall_s", ".1f"),
+                   ("ours model-only img/s", OURS, "model_img_s", ".1f"), ("ours model %", OURS, "model_pct", ".0f"),
+                   ("loader alone img/s", OURS, "loader_img_s", ".1f"),
+                   ("rel diff", OURS, f"rel_diff_{ref}", ".1e")])
+        if tmp is not None:
+            tmp.cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    from _harness import use_checkout, worker_main
+
+    use_checkout()
+    if not worker_main({"ours": ours_extract}, sys.argv[1:]):
+        main()

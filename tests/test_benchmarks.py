@@ -1,0 +1,100 @@
+"""The benchmarks' own machinery: timing arithmetic, ratio tables, offline data in the product's formats, and
+the "ours" side of extraction and head training run through the real CLI on tiny data (so a change of the
+CLI, the feature cache or the Trainer hooks that breaks a benchmark fails here, not on the GPU machine)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _harness  # noqa: E402
+from _timing import window_rate  # noqa: E402
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_window_rate_counts_data_waits_and_skips_warmup():
+    ends = [10.0, 11.0, 13.0, 14.0]  # batch 0 is warm-up; batches 1..3 take 4 s for 3 x 8 images
+    assert window_rate(ends, [8, 8, 8, 8], first=1) == pytest.approx(24 / 4)
+    assert window_rate(ends, [8, 8, 8, 8], first=2, last=2) == pytest.approx(8 / 2)
+    assert np.isnan(window_rate(ends, [8, 8, 8, 8], first=0))  # no start given
+
+
+def test_ratio_table_direction(tmp_path, capsys):
+    res = _harness.Results("t", tmp_path / "r.json", {})
+    res.add({"runner": "ours", "case": "a", "img_s": 30.0, "epoch_s": 1.0})
+    res.add({"runner": "keras-jax", "case": "a", "img_s": 10.0, "epoch_s": 4.0})
+    res.print_table("throughput", ["case"], "img_s", "img/s", higher_is_better=True)
+    res.print_table("epochs", ["case"], "epoch_s", "s", higher_is_better=False)
+    out = capsys.readouterr().out
+    assert "| a | 30.0 | 10.0 | 3.00x |" in out  # ours 3x faster in both
+    assert "| a | 1.00 | 4.00 | 4.00x |" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["rows"]) == 2 and set(saved["tables"]) == {"throughput", "epochs"}
+
+
+def test_failed_runner_is_shown_not_hidden(tmp_path, capsys):
+    res = _harness.Results("t", None, {})
+    res.add({"runner": "ours", "case": "a", "error": "boom"})
+    res.add({"runner": "keras-jax", "case": "a", "img_s": 10.0})
+    res.print_table("x", ["case"], "img_s", "img/s", higher_is_better=True)
+    assert "| a | failed | 10.0 | - |" in capsys.readouterr().out
+
+
+def test_cifar_format_is_read_by_the_product_and_by_the_keras_side(tmp_path):
+    from lightning_app.data.cifar import read_cifar10
+
+    x = _harness.photo_crops(12, 32, seed=1)
+    y = np.arange(12) % 10
+    _harness.write_cifar10(tmp_path, x, y, x[:3], y[:3])
+    xp, yp = read_cifar10(tmp_path / "cifar-10-batches-py", train=True)
+    xk, yk = _harness.read_cifar10_train(tmp_path)
+    np.testing.assert_array_equal(xp, x)
+    np.testing.assert_array_equal(xk, x)
+    np.testing.assert_array_equal(yp, y)
+    np.testing.assert_array_equal(yk, y)
+
+
+@pytest.mark.parametrize("rows", [50_000, 2_000, 130])
+def test_head_benchmark_sizes_the_dataset_for_exact_training_rows(rows):
+    from lightning_app.data.splits import stratified_split
+
+    head = _load("head")
+    n = head.images_for_train_rows(rows, 0.1)
+    train, val, _ = stratified_split(np.arange(n) % 10, 0.1)
+    assert len(train) == -(-rows // 10) * 10 and len(val) > 0
+
+
+def test_head_benchmark_runs_the_cli_on_the_cache_it_wrote(tmp_path):
+    head = _load("head")
+    n = head.images_for_train_rows(200, 0.1)
+    _harness.write_cifar10(tmp_path / "data", np.zeros((n, 32, 32, 3), np.uint8), np.arange(n) % 10,
+                           np.zeros((10, 32, 32, 3), np.uint8), np.arange(10))
+    r = head.ours_head({"config": str(BENCH.parent / "configs" / "cifar10.yaml"), "data": str(tmp_path / "data"),
+                        "cache": str(tmp_path / "cache"), "run_dir": str(tmp_path / "runs"), "epochs": 2})
+    assert r["rows"] == 200 and len(r["epoch_s"]) == 2 and r["steady_epoch_s"] > 0
+    assert np.load(r["features"]["train"], mmap_mode="r").shape == (200, 2048)
+    assert r["val_acc"] > 0.5  # the synthetic features carry their class: the head learns them
+
+
+def test_extract_benchmark_runs_the_cli_extraction(tmp_path):
+    extract = _load("extract")
+    x = _harness.photo_crops(60, 32, seed=0)
+    _harness.write_cifar10(tmp_path / "data", x, np.arange(60) % 10, x[:10], np.arange(10))
+    r = extract.ours_extract({"config": str(BENCH.parent / "configs" / "cifar10.yaml"), "model": "test_resnet",
+                              "h5": "null", "data": str(tmp_path / "data"), "size": 32, "cache": str(tmp_path / "c"),
+                              "run_dir": str(tmp_path / "runs"), "batch": 4, "batch_override": True,
+                              "warmup_batches": 2, "loader_batches": 1})
+    assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
+    assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
+    assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])
