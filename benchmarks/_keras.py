@@ -99,14 +99,14 @@ def base_model(keras, spec: Dict[str, Any]):
     return base
 
 
-def image_model(keras, spec: Dict[str, Any], base, input_hw: int, head: List[Any]):
-    """uint8 images ``[B, input_hw, input_hw, 3]`` -> (resize to the native size) -> preprocess_input -> base -> head.
-
-    The last layer outputs float32 (the Keras mixed-precision guide's advice)."""
+def image_model(keras, spec: Dict[str, Any], base, input_hw: int, head: List[Any], input_dtype: str = "uint8"):
+    """Images ``[B, input_hw, input_hw, 3]`` in 0..255 -> (resize to the native size) -> preprocess_input -> base
+    -> head. ``input_dtype`` float32 where gradients with respect to the input are needed (a uint8 input
+    layer casts them away). The last layer outputs float32 (the Keras mixed-precision guide's advice)."""
     from keras.applications import imagenet_utils
 
     size = int(spec["size"])
-    inputs = keras.Input((input_hw, input_hw, 3), dtype="uint8")
+    inputs = keras.Input((input_hw, input_hw, 3), dtype=input_dtype)
     x = keras.layers.Resizing(size, size, interpolation="bilinear")(inputs) if input_hw != size else \
         keras.ops.cast(inputs, keras.mixed_precision.global_policy().compute_dtype)
     x = imagenet_utils.preprocess_input(x, mode=spec["mode"])
@@ -260,9 +260,12 @@ def _fgsm_step(keras, model, spec: Dict[str, Any]):
             g = jax.grad(loss_fn)(x, y, tv, ntv)
             return logits_fn(tv, ntv, jnp.clip(x + eps * jnp.sign(g), 0.0, 255.0))
 
-        tv = [v.value for v in model.trainable_variables]
-        ntv = [v.value for v in model.non_trainable_variables]
-        return lambda x, y: np.asarray(step(tv, ntv, x, y))
+        def run(x, y):  # the variables' current buffers: predict() replaces (donates) them
+            tv = [v.value for v in model.trainable_variables]
+            ntv = [v.value for v in model.non_trainable_variables]
+            return np.asarray(step(tv, ntv, x, y))
+
+        return run
     import tensorflow as tf
 
     @tf.function(jit_compile=_tf_function_jit(spec))
@@ -289,7 +292,7 @@ def robustness(spec: Dict[str, Any]) -> Dict[str, Any]:
     for h in spec["hidden"]:
         head_layers.append(keras.layers.Dense(h, activation="relu"))
     head_layers.append(keras.layers.Dense(int(spec["classes"])))
-    model = image_model(keras, spec, base, int(spec["size"]), head_layers)
+    model = image_model(keras, spec, base, int(spec["size"]), head_layers, input_dtype="float32")
     model.compile(jit_compile=_jit(spec))
     batch = int(spec["batch"])
     labels = np.load(spec["labels"]).astype(np.int32)
@@ -299,7 +302,10 @@ def robustness(spec: Dict[str, Any]) -> Dict[str, Any]:
         x = np.load(path)
         if kind == "attack":
             fgsm = fgsm or _fgsm_step(keras, model, spec)
-            fgsm(x[:batch], labels[:batch])  # warm-up (compilation)
+            adv = fgsm(x[:batch], labels[:batch])  # warm-up (compilation) and a check that the attack attacks
+            clean = model.predict(x[:batch], batch_size=batch, verbose=0)
+            if not np.abs(np.asarray(adv, np.float32) - np.asarray(clean, np.float32)).max() > 0:
+                raise RuntimeError("the FGSM step left the logits unchanged: its input gradient is zero")
             t = now()
             for i in range(0, len(x), batch):
                 fgsm(x[i:i + batch], labels[i:i + batch])

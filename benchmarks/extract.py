@@ -12,15 +12,18 @@ written and merged, warm-up and compilation included); ``img_s`` the steady stat
 ``--warmup-batches`` and a smaller last batch left out, data waits included); where the time goes inside that
 window: ``model %`` = inside ``predict_step`` (the backbone), the rest = waiting for the DataLoader
 (decode + resize in CPU workers), the device-side batch preparation and the cache writer. ``loader img/s``:
-the image DataModule's predict loader alone (no model), after its first batch.
+the image DataModule's predict loader alone (no model), from its start, over ``--loader-batches`` batches.
 Keras: ``Resizing`` + ``preprocess_input`` + ``include_top=False, pooling="avg"`` model, ``predict`` over the
 same images, ``np.save`` (see ``_keras.extract``); ``img_s`` is a second, warm ``predict``.
 Sanity guard: ours and Keras features of two images must agree (``rel diff``; ours resizes to uint8 in the
 data workers, Keras in float on the device, so ~1e-2 is expected, bf16 more).
 
-Usage: python benchmarks/extract.py [--models InceptionV3 ResNet50] [--n-images 256] [--batch 64]
+Usage: python benchmarks/extract.py [--models InceptionV3 ResNet50] [--n-images 448] [--batch 64]
                                     [--keras jax tensorflow] [--json out.json]
-Defaults: on a GPU every zoo model and 2,048 images; on the CPU InceptionV3 and ResNet50, 192 images.
+Defaults: on a GPU InceptionV3, ResNet50, Xception and VGG16 (the seed notebooks' backbones; the other four:
+``--models NASNetLarge InceptionResNetV2 ResNet152V2 DenseNet201``, a second run: each model costs a Keras-JAX
+XLA compilation and our warm-up) on 4,096 images; on the CPU InceptionV3 and ResNet50 on 448 images (about 10
+minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, confi
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
+GPU_MODELS = ["InceptionV3", "ResNet50", "Xception", "VGG16"]
 
 
 # ----------------------------------------------------------------------------- ours (worker)
@@ -78,38 +82,36 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
     except (AttributeError, KeyError, TypeError) as err:
         out["sample_note"] = f"no sanity guard: the feature DataModule changed shape ({err})"
     if spec["loader_batches"] and source is not None:
+        # the image loader alone, timed from its start (workers included: batches they prefetch while the first
+        # one is awaited would otherwise look free), over up to loader_batches batches of the train split
         source.predict_split = "train"
-        it = iter(source.predict_dataloader())
-        next(it)  # workers start, first batch
         t, n = now(), 0
-        for _ in range(spec["loader_batches"]):
-            try:
-                n += len(next(it)[1])
-            except StopIteration:
+        for i, batch in enumerate(source.predict_dataloader()):
+            n += len(batch[1])
+            if i + 1 >= spec["loader_batches"]:
                 break
         out["loader_img_s"] = n / (now() - t) if n else float("nan")
-        del it
     return out
 
 
 # ----------------------------------------------------------------------------- driver
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None, help="zoo models (default: all on GPU, 2 on CPU)")
+    p.add_argument("--models", nargs="+", default=None, help="zoo models (default: 4 on GPU, 2 on CPU)")
     p.add_argument("--n-images", type=int, default=None, help="CIFAR-format training images (train + val splits)")
     p.add_argument("--batch", type=int, default=None, help="batch size for both (default: the config's)")
     p.add_argument("--warmup-batches", type=int, default=2, help="batches left out of the steady-state rate")
-    p.add_argument("--loader-batches", type=int, default=4, help="batches of the loader-alone probe (0: skip)")
+    p.add_argument("--loader-batches", type=int, default=16, help="batches of the loader-alone probe (0: skip)")
     p.add_argument("--config", type=Path, default=CONFIG)
     add_common_args(p)
     args = p.parse_args()
     exit_on_sigterm()
 
-    from lightning_app.zoo import get_entry, list_models
+    from lightning_app.zoo import get_entry
 
     device = "cuda" if cuda_available() else "cpu"
-    models = args.models or (list_models() if device == "cuda" else ["InceptionV3", "ResNet50"])
-    n = args.n_images or (2048 if device == "cuda" else 192)
+    models = args.models or (GPU_MODELS if device == "cuda" else ["InceptionV3", "ResNet50"])
+    n = args.n_images or (4096 if device == "cuda" else 448)
     batch = args.batch or config_value(args.config, "features", "extract_batch_size") or \
         config_value(args.config, "data", "init_args", "batch_size", default=32)
     policy = keras_policy(args.keras_policy, device)

@@ -18,7 +18,7 @@ and for FGSM one compiled function (input gradient of the summed cross-entropy, 
 forward pass) per batch; each function warmed up on one batch first.
 
 Usage: python benchmarks/robustness.py [--models InceptionV3] [--n-images 128] [--corruptions ...] [--json out.json]
-Defaults: 1,024 images on a GPU, 32 on the CPU; severity 3 of gaussian_noise, defocus_blur, fog,
+Defaults: 1,024 images on a GPU, 64 on the CPU (two batches per loader); severity 3 of gaussian_noise, defocus_blur, fog,
 jpeg_compression; FGSM 8/255.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main() -> None:
     device = "cuda" if cuda_available() else "cpu"
     inner: Dict[str, Any] = json.loads(json.dumps(config_value(args.data_config, "data")))
     batch = args.batch or inner["init_args"].get("batch_size", 32)
-    n = args.n_images or (1024 if device == "cuda" else 32)
+    n = args.n_images or (1024 if device == "cuda" else 64)
     n = max(batch, n // batch * batch)
     names = class_names(n)
     policy = keras_policy(args.keras_policy, device)
