@@ -17,6 +17,7 @@ fine-tuning, all parameters are in the optimizer from the start; frozen ones jus
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -29,8 +30,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_app.data.feature_loader import FeatureChunk
 from lightning_app.errors import ConfigError
 from lightning_app.finetune import LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all, layer_groups
+from lightning_app.head_steps import EagerHeadSteps, EpochStats, select_head_steps
 from lightning_app.zoo.normalize import Normalize
 
 Stage = Literal["extract", "head", "finetune"]
@@ -141,10 +144,14 @@ class TransferModule(pl.LightningModule):
         scheduler: optional LR scheduler factory (``ReduceLROnPlateau`` monitors ``val_loss``).
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``drop_path_rate``).
         steps_per_execution: ``extract`` stage only: optimizer steps per Lightning training step, like
-            Keras ``compile(steps_per_execution=...)``. The feature loader then serves lists of that many
-            mini-batches (same batch size, same order) and the module steps through them with manual
-            optimization, which amortises Lightning's per-step overhead over tiny head steps. Not combinable
-            with gradient clipping or accumulation.
+            Keras ``compile(steps_per_execution=...)``; ``None`` (default) chooses it from the epoch length
+            (:func:`~lightning_app.data.feature_loader.auto_steps_per_execution`). The feature loader serves
+            chunks of that many mini-batches (same batch size, same order) and the module runs their optimizer
+            steps itself (manual optimization; on a single GPU captured in a CUDA graph, see
+            :mod:`lightning_app.head_steps`), so Lightning's per-step overhead and per-step hooks run once per
+            chunk. ``1``: one Lightning step (automatic optimization, every hook, gradient clipping and
+            accumulation available) per optimizer step. Head training on cached features always runs in
+            float32, whatever the Trainer's precision (it is launch-bound, not compute-bound).
         channels_last: run the backbone in NHWC memory format (faster convolutions on recent GPUs, with
             ``bf16-mixed`` / ``16-mixed`` precision especially).
     """
@@ -165,7 +172,7 @@ class TransferModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         scheduler: Optional[LRSchedulerCallable] = None,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
-        steps_per_execution: int = 1,
+        steps_per_execution: Optional[int] = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -173,8 +180,9 @@ class TransferModule(pl.LightningModule):
             raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
         if num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-        if steps_per_execution < 1 or (steps_per_execution > 1 and stage != "extract"):
-            raise ConfigError(f"steps_per_execution must be 1, or >= 1 with stage='extract'; got {steps_per_execution}")
+        if steps_per_execution is not None and (steps_per_execution < 1 or (steps_per_execution > 1 and stage != "extract")):
+            raise ConfigError(f"steps_per_execution must be None or 1, or >= 1 with stage='extract'; "
+                              f"got {steps_per_execution}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -190,7 +198,10 @@ class TransferModule(pl.LightningModule):
         self.layer_decay = layer_decay
         self.label_smoothing = label_smoothing
         self.steps_per_execution = steps_per_execution
-        self.automatic_optimization = steps_per_execution == 1
+        # extract stage: the module runs the optimizer steps of each feature chunk itself (lightning_app.head_steps)
+        self.automatic_optimization = not (stage == "extract" and steps_per_execution != 1)
+        self._head_steps: Optional[EagerHeadSteps] = None
+        self._epoch_stats = EpochStats()
 
         mean, std = preprocessing(backbone)
         self.normalize = Normalize(mean, std)
@@ -250,60 +261,107 @@ class TransferModule(pl.LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        if not self.automatic_optimization:
-            return self._multi_step(batch, batch_idx)
+        if isinstance(batch, FeatureChunk):
+            if not self.automatic_optimization:
+                return self._chunk_steps(batch, batch_idx)
+            with _float32(self.device):
+                batch = batch.materialize()
+                return self._automatic_step(batch, batch_idx)
+        if not self.automatic_optimization:  # an image batch in the extract stage: one step through the backbone
+            y = batch[1]
+            index = batch[2] if len(batch) > 2 else torch.arange(len(y), device=y.device)
+            return self._lightning_steps(FeatureChunk(batch[0], torch.arange(len(y), device=y.device), y, index,
+                                                      len(y)), batch_idx)
+        return self._automatic_step(batch, batch_idx)
+
+    def _automatic_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self._loss(logits, y)
         self.train_metrics.update(logits.detach(), y)
         self.train_loss.update(loss.detach(), len(y))
-        self._log_train(loss, batch_idx)
+        self._log_train(loss, batch_idx, len(y))
         return loss
 
-    def _multi_step(self, batches: Sequence[Sequence[torch.Tensor]], batch_idx: int) -> None:
-        """One optimizer step per mini-batch of ``batches`` (``steps_per_execution``); metrics once per call."""
-        if isinstance(batches[0], torch.Tensor):  # a plain batch (e.g. a loader without chunking)
-            batches = [batches]
-        opt = self.optimizers()
-        logits_all, targets, losses = [], [], []
-        for mb in batches:
-            x, y = mb[0], mb[1]
-            logits = self(x)
-            loss = self._loss(logits, y)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            opt.step()
-            logits_all.append(logits.detach())
-            targets.append(y)
-            losses.append(loss.detach() * len(y))
-        y = torch.cat(targets)
-        self.train_metrics.update(torch.cat(logits_all), y)
-        self.train_loss.update(torch.stack(losses).sum() / len(y), len(y))
-        self._log_train(losses[-1] / len(targets[-1]), batch_idx)
+    def _chunk_steps(self, chunk: FeatureChunk, batch_idx: int) -> None:
+        """The optimizer steps of one feature chunk (``steps_per_execution`` mini-batches), run by the fastest
+        runner for the device (:func:`lightning_app.head_steps.select_head_steps`) in float32; the logits and
+        losses go to the epoch metrics in large blocks (:class:`~lightning_app.head_steps.EpochStats`)."""
+        if self.trainer.world_size > 1:  # DDP: Lightning's manual_backward hooks all-reduce the gradients
+            return self._lightning_steps(chunk, batch_idx)
+        opt = self.optimizers().optimizer
+        if self._head_steps is None or self._head_steps.optimizer is not opt:
+            own_loss = type(self)._loss is TransferModule._loss and "_loss" not in self.__dict__
+            self._head_steps = select_head_steps(self.head, self._loss, opt, self.device, self._count_steps,
+                                                 self.label_smoothing if own_loss else None)
+        with _float32(self.device):
+            result = self._head_steps.run(chunk)
+        self._epoch_stats.add(result.logits, chunk.labels, result.loss_sum, self._flush_train_stats)
+        self._log_train(result.losses[-1], batch_idx, len(chunk))
 
-    def _log_train(self, loss: torch.Tensor, batch_idx: int) -> None:
+    def _count_steps(self, k: int) -> None:
+        """Advance Lightning's optimizer-step counters (``global_step``) by ``k`` optimizer steps."""
+        lopt = self.optimizers()
+        for _ in range(k):
+            lopt._on_before_step()
+            lopt._on_after_step()
+
+    def _lightning_steps(self, chunk: FeatureChunk, batch_idx: int) -> None:
+        """One optimizer step per mini-batch through Lightning (``manual_backward``, ``LightningOptimizer.step``:
+        DDP gradient all-reduce and every per-step hook)."""
+        opt = self.optimizers()
+        logits_all, losses = [], []
+        with _float32(self.device) if chunk.features.ndim == 2 else contextlib.nullcontext():
+            for j, b in enumerate(chunk.batch_sizes):
+                x, y = chunk.batch(j)
+                logits = self(x)
+                loss = self._loss(logits, y)
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                opt.step()
+                logits_all.append(logits.detach())
+                losses.append(loss.detach() * b)
+        self._epoch_stats.add(torch.cat(logits_all), chunk.labels, torch.stack(losses).sum(), self._flush_train_stats)
+        self._log_train(losses[-1] / chunk.batch_sizes[-1], batch_idx, len(chunk))
+
+    def _flush_train_stats(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor, count: int) -> None:
+        self.train_metrics.update(logits, labels)
+        self.train_loss.update(loss_sum / count, count)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._epoch_stats.count and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._epoch_stats.drain(self._flush_train_stats)  # before validation and the epoch-end hooks
+
+    def _log_train(self, loss: torch.Tensor, batch_idx: int, batch_size: int) -> None:
         if not self._logged["train"]:
             # Metric objects: Lightning computes (and syncs) them once at epoch end; logging them once per
             # epoch instead of every step saves ~3 ms of Python per step (matters for head training).
             self._logged["train"] = True
-            self.log("train_loss", self.train_loss, on_step=False, on_epoch=True)
-            self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+            self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         if batch_idx % self.progress_every == 0:
-            self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
+            self.log("loss", loss.detach().clone(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                     batch_size=batch_size)
 
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
+    def _eval_logits(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+        """Logits, labels and the batch as a tuple; feature chunks run the head in float32."""
+        if isinstance(batch, FeatureChunk):
+            with _float32(self.device):
+                batch = batch.materialize()
+                return self(batch[0]).float(), batch[1], batch
+        return self(batch[0]), batch[1], batch
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits, y, batch = self._eval_logits(batch)
         self.val_metrics.update(logits, y)
         self.val_loss.update(self._loss(logits, y), len(y))
         if not self._logged["val"]:
             self._logged["val"] = True
-            self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True)
-            self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
+            self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+            self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True, batch_size=len(y))
 
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, torch.Tensor]:
-        x, y = batch[0], batch[1]
-        logits = self(x)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, torch.Tensor]:
+        logits, y, batch = self._eval_logits(batch)
         while len(self.test_metrics) <= dataloader_idx:  # one metric set (+ loss) per test dataloader
             self.test_metrics.append(_metrics(self.num_classes, "test_").to(self.device))
             self.test_loss.append(MeanMetric().to(self.device))
@@ -334,6 +392,7 @@ class TransferModule(pl.LightningModule):
         self._logged["train"] = False
 
     def on_train_epoch_end(self) -> None:
+        self._epoch_stats.drain(self._flush_train_stats)  # an epoch cut short (max_steps): what is left
         if self.automatic_optimization:
             return
         # Manual optimization: Lightning leaves epoch-interval LR schedulers to the module.
@@ -393,6 +452,11 @@ class TransferModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val_loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _float32(device: torch.device) -> torch.autocast:
+    """Autocast off: head steps on cached features run in float32 whatever the Trainer's precision."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 __all__ = ["IMAGENET_IF_CACHED", "Normalize", "STAGES", "TransferModule", "build_head", "resolve_weights"]

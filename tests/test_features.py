@@ -188,10 +188,14 @@ def test_feature_dataset_batched_reads_keep_order():
     x, y, idx = ds.__getitems__([7, 2, 9, 2])
     np.testing.assert_array_equal(x.numpy(), feats[[7, 2, 9, 2]])
     assert y.tolist() == [7, 2, 9, 2] and idx.tolist() == [7, 2, 9, 2]
-    fdm = FeatureDataModule(FeatureSet(feats, np.arange(10) % 3, None), batch_size=4, num_classes=3)
-    batches = list(fdm.train_dataloader())
-    assert [len(b[0]) for b in batches] == [4, 4, 2]
-    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(10))
+    fdm = FeatureDataModule(FeatureSet(feats, np.arange(10) % 3, None), batch_size=4, num_classes=3,
+                            steps_per_execution=1)
+    chunks = list(fdm.train_dataloader())
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert sorted(torch.cat([c.index for c in chunks]).tolist()) == list(range(10))
+    x, y, idx = chunks[0].materialize()
+    np.testing.assert_array_equal(x.numpy(), feats[idx.numpy()])
+    assert y.tolist() == (idx % 3).tolist()
     assert fdm.val_dataloader() == []
 
 

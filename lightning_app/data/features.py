@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_app.atomic import atomic_write
-from lightning_app.data.base import should_pin_memory
+from lightning_app.data.feature_loader import EVAL_CHUNK_ROWS, FeatureLoader
 from lightning_app.zoo.weights import file_digest, state_dict_digest
 
 CACHE_VERSION = 1
@@ -349,20 +349,6 @@ def feature_cache_key(module: nn.Module, datamodule: Any, split: str, precision:
 
 
 # ----------------------------------------------------------------------------- serving
-def _collate_batch(batch: Any) -> Any:
-    return batch
-
-
-class _SplitCollate:
-    """``(x, y, idx)`` of ``k * batch_size`` rows -> list of ``(x, y, idx)`` mini-batches of ``batch_size``."""
-
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-
-    def __call__(self, batch: Tuple[torch.Tensor, ...]) -> List[Tuple[torch.Tensor, ...]]:
-        return list(zip(*(t.split(self.batch_size) for t in batch)))
-
-
 class FeatureDataset(Dataset):
     """``(features float32 [D], label, index)`` rows of a :class:`FeatureSet`; batched reads via ``__getitems__``."""
 
@@ -385,22 +371,27 @@ class FeatureDataset(Dataset):
 
 
 class FeatureDataModule(pl.LightningDataModule):
-    """Serves cached features as ``(features [B, D], labels [B], indices [B])`` batches.
+    """Serves cached features as :class:`~lightning_app.data.feature_loader.FeatureChunk` items
+    (:class:`~lightning_app.data.feature_loader.FeatureLoader`): on the training device, shuffled there in the
+    documented order of :func:`~lightning_app.data.feature_loader.epoch_order` (``DistributedSampler``'s, so
+    DDP ranks get disjoint shards), ``steps_per_execution`` mini-batches per item.
 
     Args:
         train, val, test: :class:`FeatureSet` per split (``val`` / ``test`` may be ``None``).
         num_classes, class_names: copied from the image DataModule.
-        batch_size: batch size; ``shuffle``: shuffle the training set (seeded with ``seed``).
-        in_memory: copy the arrays into RAM instead of reading the memory map.
+        batch_size: mini-batch size; ``shuffle``: shuffle the training set (seeded with ``seed``, per epoch).
+        in_memory: keep the features in the training device's memory (GPU memory or RAM), moved there once;
+            ``None``: when a split takes at most half the free memory; ``False``: read each chunk from the
+            memory map.
         source: the image DataModule the features came from (for reports that need the images).
-        steps_per_execution: training batches are lists of this many mini-batches of ``batch_size``
-            (for :class:`~lightning_app.module.TransferModule` with the same ``steps_per_execution``).
+        steps_per_execution: mini-batches (optimizer steps) per training item; ``None``: automatic
+            (:func:`~lightning_app.data.feature_loader.auto_steps_per_execution`).
     """
 
     def __init__(self, train: FeatureSet, val: Optional[FeatureSet] = None, test: Optional[FeatureSet] = None,
                  num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
-                 batch_size: int = 32, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-                 in_memory: bool = False, source: Any = None, steps_per_execution: int = 1) -> None:
+                 batch_size: int = 32, shuffle: bool = True, seed: int = 0, in_memory: Optional[bool] = None,
+                 source: Any = None, steps_per_execution: Optional[int] = None) -> None:
         super().__init__()
         self.steps_per_execution = steps_per_execution
         self.sets = {"train": train, "val": val, "test": test}
@@ -409,9 +400,13 @@ class FeatureDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.num_workers = num_workers
         self.in_memory = in_memory
         self.source = source
+        self._loaders: Dict[str, FeatureLoader] = {}
+        labels = np.asarray(train.labels)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"cached training labels must be in [0, {self.num_classes}), got "
+                             f"[{labels.min()}, {labels.max()}]: the cache does not belong to this dataset")
 
     @property
     def num_classes(self) -> int:
@@ -427,29 +422,45 @@ class FeatureDataModule(pl.LightningDataModule):
         s = self.sets.get(split)
         if s is None:
             return None
-        feats = np.ascontiguousarray(s.features) if self.in_memory else s.features
-        return FeatureDataset(feats, np.asarray(s.labels))
+        return FeatureDataset(s.features, np.asarray(s.labels))
 
-    def _loader(self, split: str, shuffle: bool, chunks: int = 1) -> Union[DataLoader, list]:
-        ds = self.dataset(split)
-        if ds is None or len(ds) == 0:
-            return []
-        return DataLoader(ds, batch_size=self.batch_size * chunks, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=_SplitCollate(self.batch_size) if chunks > 1 else _collate_batch,
-                          pin_memory=should_pin_memory(self.trainer),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+    def _placement(self) -> Tuple[torch.device, int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return torch.device("cpu"), 0, 1
+        return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
 
-    def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", self.shuffle, self.steps_per_execution)
-        if not loader:
+    def loader(self, split: str, train: bool) -> Optional[FeatureLoader]:
+        """The split's :class:`FeatureLoader` on the trainer's device (built once; the data moves there once)."""
+        s = self.sets.get(split)
+        if s is None or len(s) == 0:
+            return None
+        device, rank, world = self._placement()
+        key = f"{split}:{'train' if train else 'eval'}"
+        cached = self._loaders.get(key)
+        if cached is not None and cached.device == device and cached.sampler.rank == rank:
+            return cached
+        if train:
+            loader = FeatureLoader(s.features, s.labels, self.batch_size, self.steps_per_execution, self.shuffle,
+                                   self.seed, rank, world, device, self.in_memory)
+        else:
+            loader = FeatureLoader(s.features, s.labels, self.batch_size, shuffle=False, rank=rank,
+                                   world_size=world, device=device, resident=self.in_memory,
+                                   chunk_rows=max(self.batch_size, EVAL_CHUNK_ROWS))
+        self._loaders[key] = loader
+        return loader
+
+    def train_dataloader(self) -> FeatureLoader:
+        loader = self.loader("train", train=True)
+        if loader is None:
             raise RuntimeError("no cached training features")
         return loader
 
-    def val_dataloader(self) -> Union[DataLoader, list]:
-        return self._loader("val", False)
+    def val_dataloader(self) -> Union[FeatureLoader, list]:
+        return self.loader("val", train=False) or []
 
-    def test_dataloader(self) -> Union[DataLoader, list]:
-        return self._loader("test", False)
+    def test_dataloader(self) -> Union[FeatureLoader, list]:
+        return self.loader("test", train=False) or []
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -507,7 +518,7 @@ def prepare_feature_datamodule(trainer: "pl.Trainer", module: nn.Module, datamod
                                splits: Sequence[str] = ("train", "val"),
                                cache_dir: Union[str, os.PathLike] = DEFAULT_CACHE_DIR,
                                batch_size: Optional[int] = None, extract_batch_size: Optional[int] = None,
-                               in_memory: bool = False, rebuild: bool = False,
+                               in_memory: Optional[bool] = None, rebuild: bool = False,
                                steps_per_execution: Optional[int] = None) -> FeatureDataModule:
     """Cached features of ``splits`` (computing missing ones) wrapped in a :class:`FeatureDataModule`.
 
@@ -530,7 +541,7 @@ def prepare_feature_datamodule(trainer: "pl.Trainer", module: nn.Module, datamod
         num_classes=datamodule.num_classes, class_names=getattr(datamodule, "class_names", None),
         batch_size=batch_size or datamodule.batch_size, seed=getattr(datamodule, "seed", 0),
         in_memory=in_memory, source=datamodule,
-        steps_per_execution=steps_per_execution or getattr(module, "steps_per_execution", 1),
+        steps_per_execution=steps_per_execution or getattr(module, "steps_per_execution", None),
     )
 
 

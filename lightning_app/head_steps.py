@@ -1,0 +1,556 @@
+"""Optimizer steps of the dense head on cached features, many per Lightning step (``steps_per_execution``).
+
+A :class:`~lightning_app.data.feature_loader.FeatureChunk` holds the rows of ``k`` mini-batches; a step
+runner performs the ``k`` optimizer steps and returns the logits and losses for the epoch metrics:
+
+* :class:`EagerHeadSteps`: forward, ``backward``, ``optimizer.step()`` per mini-batch on the raw torch optimizer,
+  without Lightning's per-step hooks (callbacks see one Lightning step per chunk, as Keras callbacks see one
+  batch per ``steps_per_execution``). Works for any head, loss and optimizer, on any device.
+* :class:`LeanHeadSteps` (CPU): for the heads :func:`~lightning_app.module.build_head` makes
+  (``Linear -> ReLU -> Dropout`` blocks, cross-entropy, Adam / AdamW) the same aten ops autograd would run,
+  written out (forward, backward into persistent gradient buffers, Adam's fused kernel on the optimizer's own
+  state): no autograd graph and no ``Optimizer.step`` bookkeeping, which on a CPU cost about as much as the
+  step's arithmetic outside the two big matrix products. Same math as autograd (a test compares).
+* :class:`CudaGraphHeadSteps`: the same ``k`` steps (forward, backward and optimizer step, dropout included)
+  captured once in a CUDA graph per chunk shape and replayed: one launch per chunk instead of ~25 kernel
+  launches and a few hundred microseconds of Python per step. Needs a capturable optimizer (Adam / AdamW);
+  the learning rate is fed as a device tensor refreshed before every replay (schedulers keep working), any
+  other hyperparameter change or replaced optimizer state triggers a re-capture (logged, bounded).
+
+:func:`select_head_steps` picks the runner; under DDP the module keeps Lightning's own manual-optimization
+path (its backward hooks all-reduce the gradients).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_app.data.feature_loader import FeatureChunk
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: at most this many CUDA graph captures per runner (chunk shapes x re-captures), then eager steps
+MAX_CAPTURES = 8
+#: optimizers whose CUDA-graph capture is supported (``capturable`` flag, tensor learning rate)
+CAPTURABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+class StepResult(NamedTuple):
+    """What a chunk of steps returns (all on the device, detached)."""
+
+    logits: torch.Tensor  #: ``[n, C]`` logits of every sample, computed before its optimizer step
+    losses: torch.Tensor  #: ``[k]`` mean loss of each mini-batch
+    loss_sum: torch.Tensor  #: scalar: sum over mini-batches of (mean loss x mini-batch size)
+
+
+class EagerHeadSteps:
+    """One optimizer step per mini-batch of a chunk, plain autograd, raw optimizer (module docstring).
+
+    Args:
+        head: the trainable head (features ``[B, D]`` -> logits ``[B, C]``).
+        loss_fn: ``(logits, labels) -> mean loss``.
+        optimizer: the torch optimizer (not Lightning's wrapper).
+        on_steps: called with the number of optimizer steps taken (Lightning's step counters).
+    """
+
+    name = "eager"
+
+    def __init__(self, head: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                 on_steps: Callable[[int], None] = lambda k: None) -> None:
+        self.head, self.loss_fn, self.optimizer, self.on_steps = head, loss_fn, optimizer, on_steps
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on mini-batch ``(x, y)``; returns its logits and mean loss (detached)."""
+        logits = self.head(x)
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach(), loss.detach()
+
+    def run(self, chunk: FeatureChunk) -> StepResult:
+        logits_all: List[torch.Tensor] = []
+        losses: List[torch.Tensor] = []
+        for j in range(len(chunk.batch_sizes)):
+            logits, loss = self.step(*chunk.batch(j))
+            logits_all.append(logits)
+            losses.append(loss)
+        self.on_steps(len(losses))
+        return _result(torch.cat(logits_all), torch.stack(losses), chunk.batch_sizes)
+
+
+def _result(logits: torch.Tensor, losses: torch.Tensor, sizes: Tuple[int, ...]) -> StepResult:
+    """Chunk sizes are ``(b, ..., b, last)``: the loss sum uses Python scalars only (no host-to-device copy, so
+    it can be captured in a CUDA graph)."""
+    if len(sizes) == 1 or sizes[-1] == sizes[0]:
+        total = losses.sum() * sizes[0]
+    else:
+        total = losses[:-1].sum() * sizes[0] + losses[-1] * sizes[-1]
+    return StepResult(logits, losses, total)
+
+
+class LeanHeadSteps(EagerHeadSteps):
+    """:class:`EagerHeadSteps` for ``build_head`` heads, cross-entropy and Adam / AdamW, written out (module
+    docstring). Use :func:`lean_blocker` first: it says why a head, loss or optimizer is not supported.
+
+    Per mini-batch, with ``Dropout(p)`` as ``x * (bernoulli(1 - p) / (1 - p))`` exactly as
+    ``torch.nn.functional.dropout`` draws it on the CPU (same generator calls, so the same masks)::
+
+        forward:  z_l = addmm(b_l, a_{l-1}, W_l^T); relu_(z_l); a_l = z_l * noise_l;  logits = addmm(b, a_L, W^T)
+        loss:     cross_entropy(logits, y, label_smoothing=e)
+        backward: g = (softmax(logits) - ((1 - e) onehot(y) + e / C)) / b       (d loss / d logits)
+                  dW = g^T a_L, db = sum(g), da_L = g W;   per block, going down:
+                  dz_l = threshold_backward(da_l * noise_l, z_l, 0); dW_l = dz_l^T a_{l-1}; db_l = sum(dz_l);
+                  da_{l-1} = dz_l W_l
+        update:   step += 1; torch._fused_adam_ / _fused_adamw_ (the kernel ``Adam(fused=True).step()`` calls)
+
+    The optimizer's state (``step``, ``exp_avg``, ``exp_avg_sq``) is created by one ordinary ``step()`` (the
+    first mini-batch) and then updated in place, so checkpoints and resumes see an ordinary Adam.
+    """
+
+    name = "lean"
+
+    def __init__(self, head: nn.Module, label_smoothing: float, optimizer: torch.optim.Optimizer,
+                 on_steps: Callable[[int], None] = lambda k: None) -> None:
+        super().__init__(head, lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing),
+                         optimizer, on_steps)
+        self.label_smoothing = float(label_smoothing)
+        self.input_dropout, self.blocks, self.out = _parse_head(head)
+        self._groups: Optional[List[Dict[str, Any]]] = None
+
+    def _adam_groups(self) -> Optional[List[Dict[str, Any]]]:
+        """Per param group: the tensor lists of the fused kernel (``None`` until the optimizer has state)."""
+        groups = []
+        for g in self.optimizer.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            states = [self.optimizer.state.get(p) for p in params]
+            if any(not st for st in states):
+                return None
+            groups.append({
+                "group": g, "params": params, "grads": [p.grad for p in params],
+                "exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+                "max_exp_avg_sqs": [st["max_exp_avg_sq"] for st in states] if g["amsgrad"] else [],
+                "steps": [st["step"] for st in states],
+                "ptrs": tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values())),
+            })
+        return groups
+
+    def _groups_valid(self) -> bool:
+        if self._groups is None:
+            return False
+        for cached in self._groups:
+            params = cached["params"]
+            states = [self.optimizer.state.get(p) for p in params]
+            if any(not st for st in states) or any(p.grad is None for p in params) or cached["ptrs"] != tuple(
+                    t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values())):
+                return False
+        return True
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._groups is None:
+            logits, loss = super().step(x, y)  # an ordinary step: creates (or re-reads) the optimizer state
+            for p in self.head.parameters():  # persistent gradient buffers for the written-out backward
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self._groups = self._adam_groups()
+            return logits, loss
+        with torch.no_grad():
+            return self._step(x, y)
+
+    def run(self, chunk: FeatureChunk) -> StepResult:
+        # first chunk, gradients dropped (Lightning's on_validation_model_zero_grad), new optimizer state (a loaded
+        # checkpoint): one ordinary step re-creates the buffers, then the written-out steps use them
+        if not self._groups_valid():
+            self._groups = None
+        return super().run(chunk)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        h = x
+        if self.input_dropout:
+            noise0 = torch.empty_like(h).bernoulli_(1 - self.input_dropout).div_(1 - self.input_dropout)
+            h = h * noise0
+        saved = []
+        for lin, p in self.blocks:
+            z = torch.addmm(lin.bias, h, lin.weight.t()) if lin.bias is not None else torch.mm(h, lin.weight.t())
+            z.relu_()
+            if p:
+                noise = torch.empty_like(z).bernoulli_(1 - p).div_(1 - p)
+                a = z * noise
+            else:
+                noise, a = None, z
+            saved.append((h, z, noise))
+            h = a
+        out = self.out
+        logits = torch.addmm(out.bias, h, out.weight.t()) if out.bias is not None else torch.mm(h, out.weight.t())
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        # d loss / d logits
+        c = logits.shape[1]
+        g = torch.softmax(logits, 1)
+        if self.label_smoothing:
+            g.sub_(self.label_smoothing / c)
+        g.scatter_add_(1, y.unsqueeze(1), torch.full((b, 1), self.label_smoothing - 1.0, device=g.device))
+        g.div_(b)
+        torch.mm(g.t(), h, out=out.weight.grad)
+        if out.bias is not None:
+            torch.sum(g, 0, out=out.bias.grad)
+        da = torch.mm(g, out.weight) if self.blocks else None
+        for i in range(len(self.blocks) - 1, -1, -1):
+            lin = self.blocks[i][0]
+            h_in, z, noise = saved[i]
+            if noise is not None:
+                da.mul_(noise)
+            dz = torch.ops.aten.threshold_backward(da, z, 0)
+            torch.mm(dz.t(), h_in, out=lin.weight.grad)
+            if lin.bias is not None:
+                torch.sum(dz, 0, out=lin.bias.grad)
+            if i:
+                da = torch.mm(dz, lin.weight)
+        for cached in self._groups:
+            grp = cached["group"]
+            torch._foreach_add_(cached["steps"], 1)
+            fused = torch._fused_adamw_ if grp.get("decoupled_weight_decay", False) else torch._fused_adam_
+            beta1, beta2 = grp["betas"]
+            fused(cached["params"], cached["grads"], cached["exp_avgs"], cached["exp_avg_sqs"],
+                  cached["max_exp_avg_sqs"], cached["steps"], lr=grp["lr"], beta1=beta1, beta2=beta2,
+                  weight_decay=grp["weight_decay"], eps=grp["eps"], amsgrad=grp["amsgrad"], maximize=grp["maximize"])
+        return logits, loss
+
+
+def _parse_head(head: nn.Module) -> Tuple[float, List[Tuple[nn.Linear, float]], nn.Linear]:
+    """``build_head`` layout -> (input dropout, [(Linear, dropout after its ReLU)], output Linear);
+    ``ValueError`` for anything else."""
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    kinds = [type(m) for m in layers]
+    if any(k not in (nn.Linear, nn.ReLU, nn.Dropout) for k in kinds) or not layers or kinds[-1] is not nn.Linear:
+        raise ValueError("head is not a Linear / ReLU / Dropout stack ending in Linear")
+    i, input_dropout = 0, 0.0
+    if kinds[0] is nn.Dropout:
+        input_dropout, i = float(layers[0].p), 1
+    blocks: List[Tuple[nn.Linear, float]] = []
+    while i < len(layers) - 1:
+        if kinds[i] is not nn.Linear or i + 1 >= len(layers) or kinds[i + 1] is not nn.ReLU:
+            raise ValueError("head blocks must be Linear -> ReLU [-> Dropout]")
+        lin, i = layers[i], i + 2
+        p = 0.0
+        if i < len(layers) - 1 and kinds[i] is nn.Dropout:
+            p, i = float(layers[i].p), i + 1
+        blocks.append((lin, p))
+    if input_dropout and blocks:
+        raise ValueError("input dropout before hidden blocks is not a build_head layout")
+    return input_dropout, blocks, layers[-1]
+
+
+def lean_blocker(head: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Why :class:`LeanHeadSteps` cannot run this head / optimizer (``None``: it can)."""
+    try:
+        _parse_head(head)
+    except ValueError as err:
+        return str(err)
+    if type(optimizer) not in CAPTURABLE_OPTIMIZERS:
+        return f"{type(optimizer).__name__} is not Adam / AdamW"
+    params = list(head.parameters())
+    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+        return "head parameters are not contiguous float32"
+    head_ids = {id(p) for p in params}
+    for g in optimizer.param_groups:
+        if g.get("differentiable") or g.get("capturable") or g.get("foreach"):
+            return "optimizer is differentiable, capturable or foreach (the fused kernel would change its numerics)"
+        if g.get("fused") is False:
+            return "optimizer has fused=False"
+        if any(id(p) not in head_ids for p in g["params"]):
+            return "optimizer holds parameters outside the head"
+    return None
+
+
+class _Graph(NamedTuple):
+    graph: Any  # torch.cuda.CUDAGraph
+    rows: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor
+    losses: torch.Tensor  # [k]: mean loss per mini-batch
+    loss_sum: torch.Tensor  # scalar: sum of mean loss x mini-batch size
+    state_ptrs: Tuple[int, ...]
+
+
+class CudaGraphHeadSteps(EagerHeadSteps):
+    """:class:`EagerHeadSteps` captured in CUDA graphs, one per chunk shape (module docstring).
+
+    The first chunk runs eagerly on the capture stream (real steps: they create the optimizer state and the
+    cuBLAS workspace outside any capture); later chunks replay the graph of their shape (``batch_sizes``),
+    capturing it on first use. Dropout draws from the CUDA generator through the graph's Philox offsets, so
+    a replay consumes the same random stream as the eager steps it replaces.
+    """
+
+    name = "cuda-graph"
+
+    def __init__(self, head: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                 on_steps: Callable[[int], None] = lambda k: None) -> None:
+        super().__init__(head, loss_fn, optimizer, on_steps)
+        self.stream = torch.cuda.Stream()
+        self.graphs: Dict[Tuple[int, ...], _Graph] = {}
+        self.captures = 0
+        self.warm = False
+        self.num_classes = 0
+        self._features_ptr = 0
+        self.disabled: Optional[str] = None
+        self._lr: List[torch.Tensor] = []
+        self._lr_values: List[float] = []
+        self._hyper: Optional[Tuple[Any, ...]] = None
+
+    # -- guards
+    def _hyperparameters(self) -> Tuple[Any, ...]:
+        """Every optimizer hyperparameter the captured kernels bake in (all but ``lr``)."""
+        skip = {"params", "lr", "capturable", "initial_lr", "name"}
+        return tuple(tuple(sorted((k, v) for k, v in g.items() if k not in skip)) for g in self.optimizer.param_groups)
+
+    def _state_ptrs(self) -> Tuple[int, ...]:
+        ptrs = []
+        for p in (p for g in self.optimizer.param_groups for p in g["params"]):
+            ptrs.append(p.data_ptr())
+            for v in self.optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor):
+                    ptrs.append(v.data_ptr())
+        return tuple(ptrs)
+
+    # -- running
+    def run(self, chunk: FeatureChunk) -> StepResult:
+        if self.disabled is not None:
+            return super().run(chunk)
+        current = torch.cuda.current_stream()
+        if not self.warm:
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                result = super().run(chunk)
+            current.wait_stream(self.stream)
+            for t in (chunk.rows, chunk.labels):  # made on the current stream, used on the capture stream
+                t.record_stream(self.stream)
+            for t in result:  # made on the capture stream, used on the current stream
+                t.record_stream(current)
+            self.num_classes = int(result.logits.shape[1])
+            self._features_ptr = chunk.features.data_ptr()
+            self.warm = True
+            self._hyper = self._hyperparameters()
+            return result
+        if chunk.features.data_ptr() != self._features_ptr:
+            self.disabled = "the features are not resident on the GPU (each chunk brings its own rows)"
+            rank_zero_info(f"head steps: eager ({self.disabled})")
+            return super().run(chunk)
+        sizes = chunk.batch_sizes
+        hyper = self._hyperparameters()
+        g = self.graphs.get(sizes)
+        if g is not None and (hyper != self._hyper or g.state_ptrs != self._state_ptrs()):
+            rank_zero_info("head steps: optimizer hyperparameters or optimizer state changed since the CUDA graph "
+                           "capture: capturing again")
+            self.graphs.clear()
+            g = None
+        self._hyper = hyper
+        if g is None:
+            g = self._capture(chunk)
+            if g is None:
+                return super().run(chunk)
+        self._refresh_lr()
+        g.rows.copy_(chunk.rows, non_blocking=True)
+        g.labels.copy_(chunk.labels, non_blocking=True)
+        g.graph.replay()
+        self.on_steps(len(sizes))
+        return StepResult(g.logits, g.losses, g.loss_sum)
+
+    def _refresh_lr(self) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            lr = float(group["lr"])
+            if lr != self._lr_values[i]:
+                self._lr[i].fill_(lr)
+                self._lr_values[i] = lr
+
+    def _capture(self, chunk: FeatureChunk) -> Optional[_Graph]:
+        if self.captures >= MAX_CAPTURES:
+            self.disabled = f"more than {MAX_CAPTURES} CUDA graph captures"
+            rank_zero_warn(f"head steps: {self.disabled}; running eager steps from now on")
+            return None
+        self.captures += 1
+        sizes, n = chunk.batch_sizes, len(chunk)
+        dev = chunk.features.device
+        groups = self.optimizer.param_groups
+        if not self._lr:
+            self._lr = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=dev) for g in groups]
+            self._lr_values = [float(g["lr"]) for g in groups]
+        rows = chunk.rows.clone()
+        labels = chunk.labels.clone()
+        logits_out = torch.empty(n, self.num_classes, device=dev)
+        losses_out = torch.empty(len(sizes), device=dev)
+        loss_sum = torch.empty((), device=dev)
+        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        try:
+            for g, lr in zip(groups, self._lr):
+                g["lr"], g["capturable"] = lr, True
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph, stream=self.stream):
+                start = 0
+                for j, b in enumerate(sizes):
+                    x = chunk.features.index_select(0, rows[start:start + b])
+                    y = labels[start:start + b]
+                    logits = self.head(x)
+                    loss = self.loss_fn(logits, y)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    logits_out[start:start + b].copy_(logits.detach())
+                    losses_out[j].copy_(loss.detach())
+                    start += b
+                loss_sum.copy_(_result(logits_out, losses_out, sizes).loss_sum)
+        except Exception as err:  # capture unsupported here (driver, optimizer, head): eager steps, said once
+            self.disabled = f"CUDA graph capture failed ({type(err).__name__}: {err})"
+            rank_zero_warn(f"head steps: {self.disabled}; running eager steps")
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        finally:
+            for g, (lr, cap) in zip(groups, saved):
+                g["lr"], g["capturable"] = lr, cap
+            current.wait_stream(self.stream)
+        captured = _Graph(graph, rows, labels, logits_out, losses_out, loss_sum, self._state_ptrs())
+        self.graphs[sizes] = captured
+        rank_zero_info(f"head steps: captured {len(sizes)} optimizer steps (mini-batches {sizes[0]}"
+                       f"{'...' + str(sizes[-1]) if sizes[-1] != sizes[0] else ''}) in a CUDA graph")
+        return captured
+
+
+class EpochStats:
+    """Training logits, labels and loss kept on the device and handed to the epoch metrics in large blocks.
+
+    torchmetrics' updates synchronise with the host (argument checks, ``bincount``); fed once per block of up to
+    ``max_elements`` logits (one block per epoch for CIFAR-10-sized heads), the device never waits on the host
+    between chunks.
+    """
+
+    def __init__(self, max_elements: int = 2**22) -> None:
+        self.max_elements = max_elements
+        self.logits: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor,
+            flush: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]) -> None:
+        n, c = logits.shape
+        if self.logits is None or self.logits.shape[1] != c or self.logits.device != logits.device \
+                or self.logits.shape[0] < n:
+            self.drain(flush)
+            rows = max(n, self.max_elements // max(c, 1))
+            self.logits = torch.empty(rows, c, dtype=torch.float32, device=logits.device)
+            self.labels = torch.empty(rows, dtype=labels.dtype, device=labels.device)
+        if self.count + n > self.logits.shape[0]:
+            self.drain(flush)
+        self.logits[self.count:self.count + n].copy_(logits)
+        self.labels[self.count:self.count + n].copy_(labels)
+        self.loss_sum = loss_sum.detach().clone() if self.loss_sum is None else self.loss_sum + loss_sum
+        self.count += n
+
+    def drain(self, flush: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]) -> None:
+        """Hand what is buffered to ``flush(logits, labels, loss_sum, count)`` and empty the buffer."""
+        if self.count and self.logits is not None and self.labels is not None and self.loss_sum is not None:
+            flush(self.logits[:self.count], self.labels[:self.count], self.loss_sum, self.count)
+        self.count, self.loss_sum = 0, None
+
+
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int, inner: int) -> float:
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best
+
+
+@torch.no_grad()
+def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats: int = 7, inner: int = 50) -> float:
+    """The compute limit of one head step: seconds spent in its matrix products alone, timed with ``torch.mm``
+    at the step's shapes (per ``Linear``: forward ``a W^T``, weight gradient ``g^T a``, and the input gradient
+    ``g W`` for every layer but the first), best of ``repeats`` x ``inner`` steps."""
+    device = torch.device(device)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    ops = []
+    for i, lin in enumerate(linears):
+        w = lin.weight.detach().to(device)
+        a = torch.randn(batch_size, w.shape[1], device=device)
+        g = torch.randn(batch_size, w.shape[0], device=device)
+        out_f, out_w = torch.empty(batch_size, w.shape[0], device=device), torch.empty_like(w)
+        ops += [(torch.mm, a, w.t(), out_f), (torch.mm, g.t(), a, out_w)]
+        if i:
+            ops.append((torch.mm, g, w, torch.empty_like(a)))
+
+    def step() -> None:
+        for fn, x, y, out in ops:
+            fn(x, y, out=out)
+
+    return _best_time(step, device, repeats, inner)
+
+
+@torch.no_grad()
+def adam_kernel_time(head: nn.Module, device: Any = "cpu", repeats: int = 7, inner: int = 50) -> float:
+    """Seconds per call of the fused Adam kernel (what ``Adam(fused=True).step()`` runs) on the head's parameter
+    shapes, best of ``repeats`` x ``inner``: the optimizer's share of the step floor."""
+    device = torch.device(device)
+    params = [p.detach().to(device).clone() for p in head.parameters()]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), device=device) for _ in params]
+
+    def step() -> None:
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, m, v, [], steps, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                           eps=1e-8, amsgrad=False, maximize=False)
+
+    return _best_time(step, device, repeats, inner)
+
+
+def graph_capture_blocker(optimizer: torch.optim.Optimizer, device: torch.device) -> Optional[str]:
+    """Why the head steps cannot be captured in a CUDA graph here (``None``: they can)."""
+    if device.type != "cuda":
+        return "not a CUDA device"
+    if not isinstance(optimizer, CAPTURABLE_OPTIMIZERS):
+        return f"{type(optimizer).__name__} is not a capturable optimizer (Adam, AdamW)"
+    for g in optimizer.param_groups:
+        if g.get("differentiable") or g.get("foreach") is False and not g.get("fused"):
+            return "the optimizer runs per-tensor (foreach=False) or is differentiable"
+    return None
+
+
+def select_head_steps(head: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, device: torch.device,
+                      on_steps: Callable[[int], None], label_smoothing: Optional[float] = None) -> EagerHeadSteps:
+    """The fastest runner for ``device``, head and optimizer: CUDA graphs where capturable, :class:`LeanHeadSteps`
+    on the CPU for ``build_head`` heads with Adam / AdamW (``label_smoothing`` given: ``loss_fn`` is the
+    module's cross-entropy), else :class:`EagerHeadSteps`. Says which, and why not a faster one, in the log."""
+    if device.type == "cuda":
+        blocker = graph_capture_blocker(optimizer, device)
+        if blocker is None:
+            rank_zero_info("head steps: CUDA graphs (forward, backward and optimizer step captured per chunk shape)")
+            return CudaGraphHeadSteps(head, loss_fn, optimizer, on_steps)
+        rank_zero_info(f"head steps: eager ({blocker})")
+        return EagerHeadSteps(head, loss_fn, optimizer, on_steps)
+    blocker = "custom loss" if label_smoothing is None else lean_blocker(head, optimizer)
+    if blocker is None:
+        rank_zero_info("head steps: written-out forward / backward and fused Adam kernel (CPU)")
+        return LeanHeadSteps(head, float(label_smoothing), optimizer, on_steps)
+    rank_zero_info(f"head steps: eager autograd ({blocker})")
+    return EagerHeadSteps(head, loss_fn, optimizer, on_steps)
+
+
+__all__ = ["CAPTURABLE_OPTIMIZERS", "CudaGraphHeadSteps", "EagerHeadSteps", "EpochStats", "LeanHeadSteps",
+           "StepResult", "adam_kernel_time", "graph_capture_blocker", "lean_blocker", "matmul_limit",
+           "select_head_steps"]

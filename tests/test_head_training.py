@@ -1,0 +1,291 @@
+"""Head training on cached features: device-resident rows in the documented order, many optimizer steps per
+Lightning step, the same training as the plain DataLoader loop."""
+import warnings
+from functools import partial
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_app.data.feature_loader import FeatureLoader, auto_steps_per_execution, epoch_order
+from lightning_app.data.features import FeatureDataModule, FeatureDataset, FeatureSet
+from lightning_app import head_steps
+from lightning_app.head_steps import EagerHeadSteps, EpochStats, LeanHeadSteps
+from lightning_app.module import TransferModule
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+
+
+def features(n=203, dim=96, classes=4, seed=0):  # test_resnet: 96 features
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    feats = (centers[labels] + rng.normal(size=(n, dim))).clip(0, None).astype(np.float32)
+    return feats, labels.astype(np.int64)
+
+
+def trainer(tmp_path, **kw):
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+@pytest.mark.parametrize("n, world, seed, epoch, shuffle", [(10, 1, 0, 0, True), (203, 1, 7, 3, True),
+                                                           (203, 3, 1, 2, True), (11, 4, 0, 1, False),
+                                                           (3, 5, 0, 0, True)])
+def test_epoch_order_is_distributed_samplers(n, world, seed, epoch, shuffle):
+    ds = list(range(n))
+    for rank in range(world):
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        assert epoch_order(n, epoch, seed, shuffle, rank, world).tolist() == list(sampler)
+    if shuffle and n > 3:
+        assert epoch_order(n, 0, seed).tolist() != epoch_order(n, 1, seed).tolist()
+
+
+def test_loader_chunks_cover_the_epoch_in_order(tmp_path):
+    feats, labels = features(n=50)
+    np.save(tmp_path / "f.npy", feats)
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    loader = FeatureLoader(mapped, labels, batch_size=6, steps_per_execution=3, seed=5)
+    assert loader.resident and isinstance(loader.features, torch.Tensor)
+    assert not np.shares_memory(loader.features.numpy(), mapped)  # read into RAM once, not the memory map
+    loader.sampler.set_epoch(2)
+    chunks = list(loader)
+    assert len(chunks) == len(loader) == 3  # 18 + 18 + 14 rows
+    assert [c.batch_sizes for c in chunks] == [(6, 6, 6), (6, 6, 6), (6, 6, 2)]
+    order = torch.cat([c.index for c in chunks])
+    assert order.tolist() == epoch_order(50, 2, 5).tolist()
+    x, y = chunks[2].batch(2)
+    np.testing.assert_array_equal(x.numpy(), feats[order[-2:].numpy()])
+    np.testing.assert_array_equal(y.numpy(), labels[order[-2:].numpy()])
+    host = FeatureLoader(feats, labels, 6, 3, seed=5, resident=False)  # rows read on the host per chunk
+    host.sampler.set_epoch(2)
+    for a, b in zip(host, chunks):
+        np.testing.assert_array_equal(a.materialize()[0].numpy(), b.materialize()[0].numpy())
+
+
+def test_auto_steps_per_execution():
+    assert auto_steps_per_execution(1563) == 128
+    assert auto_steps_per_execution(40) == 5
+    assert auto_steps_per_execution(3) == 1
+    fdm = FeatureDataModule(FeatureSet(*features(n=203), None), batch_size=4)
+    assert fdm.train_dataloader().steps_per_execution == 6  # 51 steps // 8
+
+
+def _recording_loss(losses):
+    def loss_fn(logits, y, label_smoothing=0.0):
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        losses.append(loss.item())
+        return loss
+    return loss_fn
+
+
+def record_step_losses(monkeypatch, losses, runners):
+    """Every optimizer step's loss of the chunked path, whichever runner the module picks."""
+    import lightning_app.module as module_mod
+
+    def select(*args, **kwargs):
+        runner = head_steps.select_head_steps(*args, **kwargs)
+        run = runner.run
+
+        def recording_run(chunk):
+            out = run(chunk)
+            losses.extend(out.losses.tolist())
+            return out
+
+        runner.run = recording_run
+        runners.append(runner)
+        return runner
+
+    monkeypatch.setattr(module_mod, "select_head_steps", select)
+
+
+class _SeedAtTrainStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        torch.manual_seed(1234)  # the dropout stream, as in the plain loop below
+
+
+@pytest.mark.parametrize("steps_per_execution, smoothing, runner", [(None, 0.0, "lean"), (5, 0.1, "lean"),
+                                                                  (1, 0.0, None), (None, 0.0, "eager")])
+def test_resident_training_matches_the_plain_loop(tmp_path, monkeypatch, steps_per_execution, smoothing, runner):
+    """Same seed, same batches (DistributedSampler's order) and the same initial head: the device-resident chunked
+    path gives the plain PyTorch DataLoader loop's loss at every optimizer step (dropout included) and its weights,
+    with the written-out CPU step (lean), plain autograd (eager), and one Lightning step per batch (1)."""
+    feats, labels = features()
+    batch, epochs, seed = 8, 2, 3
+    pl.seed_everything(0)
+    model = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[16], dropout=0.5,
+                           optimizer=partial(torch.optim.Adam, lr=3e-3, fused=True), label_smoothing=smoothing,
+                           steps_per_execution=steps_per_execution)
+    head0 = {k: v.clone() for k, v in model.head.state_dict().items()}
+    ours, runners = [], []
+    if runner == "eager":  # a loss of its own: the module falls back to autograd
+        model._loss = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
+    if steps_per_execution == 1:  # automatic optimization: no runner, record through the loss
+        model._loss = lambda logits, y: _recording_loss(ours)(logits, y, smoothing)
+    record_step_losses(monkeypatch, ours, runners)
+    dm = FeatureDataModule(FeatureSet(feats, labels, None), num_classes=4, batch_size=batch, seed=seed,
+                           steps_per_execution=steps_per_execution)
+    t = trainer(tmp_path, max_epochs=epochs, callbacks=[_SeedAtTrainStart()])
+    t.fit(model, dm)
+    steps = epochs * int(np.ceil(len(labels) / batch))
+    assert t.global_step == steps and len(ours) == steps
+    assert [r.name for r in runners] == ([runner] if runner else [])
+
+    # the plain loop
+    head = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[16], dropout=0.5).head
+    head.load_state_dict(head0)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3, fused=True)
+    ds = FeatureDataset(feats, labels)
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    # own generator: the iterator's base seed must not consume the global (dropout) stream
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=lambda b: b, generator=torch.Generator())
+    plain = []
+    torch.manual_seed(1234)
+    head.train()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for x, y, _ in loader:
+            loss = _recording_loss(plain)(head(x), y, smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(model.head.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    # the logged epoch loss is the mean of the last epoch's step losses (sample-weighted)
+    sizes = [min(batch, len(labels) - s) for s in range(0, len(labels), batch)]
+    last = np.average(plain[-len(sizes):], weights=sizes)
+    assert t.callback_metrics["train_loss"].item() == pytest.approx(last, rel=1e-5)
+
+
+def test_epoch_metrics_and_validation_on_chunks(tmp_path):
+    """train / val metrics logged per epoch from chunked steps equal the metrics recomputed from predictions."""
+    feats, labels = features(n=120)
+    vfeats, vlabels = features(n=37, seed=1)
+    model = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[16],
+                           optimizer=partial(torch.optim.Adam, lr=1e-2))
+    seen = {}
+
+    class Capture(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen["train_acc"] = trainer.callback_metrics["train_acc"].item()
+
+    dm = FeatureDataModule(FeatureSet(feats, labels, None), FeatureSet(vfeats, vlabels, None), num_classes=4,
+                           batch_size=8)
+    t = trainer(tmp_path, max_epochs=2, callbacks=[Capture()])
+    t.fit(model, dm)
+    model.eval()
+    with torch.no_grad():
+        val_pred = model(torch.from_numpy(vfeats)).argmax(1).numpy()
+    assert t.callback_metrics["val_acc"].item() == pytest.approx((val_pred == vlabels).mean(), abs=1e-6)
+    assert 0.0 <= seen["train_acc"] <= 1.0  # computed before the epoch-end callbacks read it
+    assert set(t.callback_metrics) >= {"train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"}
+
+
+def test_epoch_stats_blocks_equal_one_update():
+    from lightning_app.module import _metrics
+
+    rng = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 7, generator=rng), torch.randint(0, 7, (50,), generator=rng)
+    whole = _metrics(7, "t_")
+    whole.update(logits, labels)
+    blocks = _metrics(7, "t_")
+    stats = EpochStats(max_elements=7 * 12)  # 12 rows per block: several flushes
+    flushed = []
+
+    def flush(lg, lb, loss_sum, count):
+        blocks.update(lg, lb)
+        flushed.append((count, float(loss_sum)))
+
+    for s in range(0, 50, 9):
+        stats.add(logits[s:s + 9], labels[s:s + 9], torch.tensor(float(len(labels[s:s + 9]))), flush)
+    stats.drain(flush)
+    assert sum(c for c, _ in flushed) == 50 and len(flushed) > 2
+    assert all(c == loss for c, loss in flushed)
+    for k, v in whole.compute().items():
+        torch.testing.assert_close(blocks.compute()[k], v)
+
+
+def test_eager_runner_counts_steps_and_returns_logits():
+    feats, labels = features(n=20)
+    loader = FeatureLoader(feats, labels, batch_size=6, steps_per_execution=4, shuffle=False)
+    chunk = next(iter(loader))
+    head = torch.nn.Linear(feats.shape[1], 4)
+    counted = []
+    runner = EagerHeadSteps(head, F.cross_entropy, torch.optim.SGD(head.parameters(), lr=0.0), counted.append)
+    out = runner.run(chunk)
+    assert counted == [4] and out.logits.shape == (20, 4)
+    with torch.no_grad():
+        expected = head(torch.from_numpy(feats))
+    torch.testing.assert_close(out.logits, expected)  # lr 0: every step saw the same weights
+    per_batch = [F.cross_entropy(expected[s:s + 6], torch.from_numpy(labels[s:s + 6])) * len(labels[s:s + 6])
+                 for s in range(0, 20, 6)]
+    torch.testing.assert_close(out.loss_sum, torch.stack(per_batch).sum())
+
+
+def _fit_recording(tmp_path, monkeypatch, accelerator, graphs, dropout=0.5, epochs=2, n=203, spe=None):
+    """Per-step losses and final head of a chunked fit; ``graphs=False`` forces eager steps on CUDA."""
+    import lightning_app.module as module_mod
+
+    feats, labels = features(n=n)
+    pl.seed_everything(0)
+    model = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[16], dropout=dropout,
+                           optimizer=partial(torch.optim.Adam, lr=3e-3, fused=True),
+                           scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+                           steps_per_execution=spe)
+    losses, runners = [], []
+
+    def select(head, loss_fn, opt, device, on_steps, label_smoothing=None):
+        runner = (head_steps.select_head_steps(head, loss_fn, opt, device, on_steps, label_smoothing) if graphs
+                  else EagerHeadSteps(head, loss_fn, opt, on_steps))
+        run = runner.run
+
+        def recording_run(chunk):
+            out = run(chunk)
+            losses.extend(out.losses.tolist())
+            return out
+
+        runner.run = recording_run
+        runners.append(runner)
+        return runner
+
+    monkeypatch.setattr(module_mod, "select_head_steps", select)
+    dm = FeatureDataModule(FeatureSet(feats, labels, None), FeatureSet(*features(n=37, seed=1), None), num_classes=4,
+                           batch_size=8, seed=3, steps_per_execution=spe)
+    t = trainer(tmp_path, accelerator=accelerator, max_epochs=epochs, callbacks=[_SeedAtTrainStart()])
+    t.fit(model, dm)
+    return losses, {k: v.cpu() for k, v in model.head.state_dict().items()}, runners, t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_cuda_graph_steps_match_eager_steps(tmp_path, monkeypatch, dropout):
+    """CUDA: the chunks replayed from CUDA graphs (two shapes: full chunks and the last, partial one; an LR scheduler
+    stepping between epochs) give the eager steps' losses and weights; dropout draws the same Philox stream."""
+    graphed, head_g, runners, t = _fit_recording(tmp_path / "g", monkeypatch, "gpu", True, dropout)
+    assert runners[0].name == "cuda-graph" and runners[0].disabled is None
+    assert len(runners[0].graphs) == 2  # (8, 8, 8) chunks and the (8, 3) tail; the first chunk ran eagerly
+    eager, head_e, _, _ = _fit_recording(tmp_path / "e", monkeypatch, "gpu", False, dropout)
+    assert len(graphed) == len(eager) == 2 * 26 and t.global_step == 52
+    np.testing.assert_allclose(graphed, eager, rtol=1e-4, atol=1e-6)
+    for k in head_e:
+        torch.testing.assert_close(head_g[k], head_e[k], rtol=1e-4, atol=1e-5)
+    assert 0.0 <= t.callback_metrics["val_acc"].item() <= 1.0
+
+
+def test_lean_steps_match_eager_steps_cpu(tmp_path, monkeypatch):
+    """The same comparison on the CPU (written-out step vs autograd), through the same helper as the CUDA test."""
+    lean, head_l, runners, _ = _fit_recording(tmp_path / "l", monkeypatch, "cpu", True)
+    assert runners[0].name == "lean"
+    eager, head_e, runners_e, _ = _fit_recording(tmp_path / "e", monkeypatch, "cpu", False)
+    assert runners_e[0].name == "eager" and len(lean) == len(eager) == 52
+    np.testing.assert_allclose(lean, eager, rtol=1e-5, atol=1e-6)
+    for k in head_e:
+        torch.testing.assert_close(head_l[k], head_e[k], rtol=1e-5, atol=1e-6)
