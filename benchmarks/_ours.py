@@ -21,7 +21,10 @@ Batch = Tuple[int, int, int, float, float]  # (loop run, dataloader_idx, images,
 
 
 def batch_images(batch: Any) -> int:
-    """Images (rows) in a batch ``(x, y, ...)`` or in a list of such mini-batches (``steps_per_execution``)."""
+    """Images (rows) in a batch ``(x, y, ...)``, a list of such mini-batches, or a feature chunk
+    (:class:`lightning_app.data.feature_loader.FeatureChunk`: the rows of ``steps_per_execution`` mini-batches)."""
+    if hasattr(batch, "batch_sizes"):
+        return len(batch)
     if isinstance(batch, (list, tuple)) and batch:
         if isinstance(batch[0], torch.Tensor) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
             return int(batch[1].shape[0])

@@ -16,6 +16,8 @@ and any LightningDataModule (``data.class_path``), with:
   ``imagenet_if_cached`` or a file, also when it comes from the checkpoint's own hyperparameters) is not
   resolved -- no download attempt, no misleading "random initialisation" warning. The module's ``hparams``
   keep the configured value;
+* ``trainer.precision`` left unset (``null``) is chosen by device when the Trainer is built (:func:`auto_precision`:
+  ``bf16-mixed`` on a CUDA GPU with bfloat16, ``32-true`` elsewhere), logged, and written into the saved config;
 * the config is saved next to the logs, overwriting (``save_config_kwargs={"overwrite": True}``).
 """
 from __future__ import annotations
@@ -43,14 +45,16 @@ class FeatureOptions:
         cache_dir: where cached features live (one sub-directory per backbone and key).
         batch_size: head-training batch size on features (default: ``data.batch_size``).
         extract_batch_size: batch size of the extraction pass (default: ``data.batch_size``).
-        in_memory: copy cached features into RAM instead of reading the memory map.
+        in_memory: keep the cached features in the training device's memory (GPU memory or RAM), moved there
+            once and shuffled there; ``None`` (default): when a split takes at most half the free memory;
+            ``False``: read each chunk of rows from the memory map.
         rebuild: ignore an existing cache and extract again.
     """
 
     cache_dir: str = DEFAULT_CACHE_DIR
     batch_size: Optional[int] = None
     extract_batch_size: Optional[int] = None
-    in_memory: bool = False
+    in_memory: Optional[bool] = None
     rebuild: bool = False
 
 
@@ -63,6 +67,20 @@ DEFAULT_TRAINER: Dict[str, Any] = {
 #: ``ckpt_path`` values that Lightning resolves itself and that may resolve to no checkpoint (``fit`` then
 #: starts from the model's own weights, so ``model.weights`` must still apply)
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def auto_precision(accelerator: Any = "auto") -> str:
+    """The Trainer precision used when the user sets none: ``bf16-mixed`` where the run goes to a CUDA GPU that
+    supports bfloat16 (about 2x the fp32 throughput of the zoo models, matching Keras' ``mixed_bfloat16``),
+    ``32-true`` elsewhere (CPUs run bf16 convolutions slower than fp32)."""
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    name = name.lower()
+    import torch
+
+    if name in ("auto", "gpu", "cuda") or "cuda" in name:
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16-mixed"
+    return "32-true"
 
 
 def checkpoint_supplies_weights(ckpt_path: Union[str, Path, None]) -> bool:
@@ -118,6 +136,17 @@ class TransferCLI(LightningCLI):
         if isinstance(self.model, TransferModule):
             self.model.hparams["weights"] = configured  # and so do the checkpoints this run writes
 
+    def _instantiate_trainer(self, config: Dict[str, Any], callbacks: list) -> pl.Trainer:
+        """``trainer.precision`` left unset (``null``) is chosen by device (:func:`auto_precision`); the choice is
+        logged and written into the run's saved ``config.yaml``."""
+        if config.get("precision") is None:
+            config["precision"] = auto_precision(config.get("accelerator", "auto"))
+            sub = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+            if sub.get("trainer") is not None:
+                sub["trainer"]["precision"] = config["precision"]
+            rank_zero_info(f"precision: {config['precision']} (chosen by device; set trainer.precision to override)")
+        return super()._instantiate_trainer(config, callbacks)
+
     # ------------------------------------------------------------------ subcommand hooks
     def before_fit(self) -> None:
         self._image_datamodule = self.datamodule
@@ -158,4 +187,4 @@ def main(args: Optional[list] = None) -> TransferCLI:
     return run(lambda argv: TransferCLI(args=argv), args)
 
 
-__all__ = ["DEFAULT_TRAINER", "FeatureOptions", "TransferCLI", "checkpoint_supplies_weights", "main"]
+__all__ = ["DEFAULT_TRAINER", "FeatureOptions", "TransferCLI", "auto_precision", "checkpoint_supplies_weights", "main"]

@@ -189,3 +189,28 @@ def test_fit_resume_from_ckpt_path_ignores_weights(tmp_path):
               "--data.init_args.batch_size", 8)
     assert cli.model.backbone_name == "test_resnet" and cli.model.weights_used is None
     assert cli.trainer.global_step == 2  # resumed at step 1
+
+
+def test_precision_chosen_by_device_unless_set(tmp_path, monkeypatch):
+    """trainer.precision unset: bf16-mixed on a CUDA GPU with bf16, 32-true elsewhere; resolved when the Trainer is
+    built and written into the run's saved config.yaml. A precision the user sets is kept."""
+    import torch
+
+    from lightning_app.cli import auto_precision
+
+    assert auto_precision("cpu") == "32-true"
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert auto_precision("auto") == auto_precision("gpu") == auto_precision("cuda") == "bf16-mixed"
+        assert auto_precision("cpu") == "32-true"
+        m.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        assert auto_precision("auto") == "32-true"
+    quick = ["fit", "--config", CONFIGS / "quickstart.yaml", *common(tmp_path), "--trainer.max_epochs", 1,
+             "--trainer.limit_train_batches", 1, "--trainer.limit_val_batches", 1, "--test_after_fit", "false"]
+    cli = run(*quick)
+    assert cli.trainer.precision == "32-true"  # this machine's CPU
+    saved = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
+    assert saved["trainer"]["precision"] == "32-true"
+    cli = run(*quick, "--trainer.precision", "bf16-mixed")
+    assert cli.trainer.precision == "bf16-mixed"

@@ -21,6 +21,8 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from lightning_app.errors import ConfigError
+
 #: steps_per_execution chosen automatically: about this many Lightning steps per epoch, at most MAX_AUTO_STEPS
 AUTO_CHUNKS_PER_EPOCH = 8
 MAX_AUTO_STEPS = 128
@@ -154,9 +156,9 @@ class FeatureLoader:
                  rank: int = 0, world_size: int = 1, device: Union[str, torch.device] = "cpu",
                  resident: Optional[bool] = None, chunk_rows: Optional[int] = None) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if steps_per_execution is not None and steps_per_execution < 1:
-            raise ValueError(f"steps_per_execution must be >= 1 (or None: automatic), got {steps_per_execution}")
+            raise ConfigError(f"steps_per_execution must be >= 1 (or null: automatic), got {steps_per_execution}")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.sampler = EpochOrder(len(labels), shuffle, seed, rank, world_size)

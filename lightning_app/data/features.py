@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from lightning_app.atomic import atomic_write
 from lightning_app.data.feature_loader import EVAL_CHUNK_ROWS, FeatureLoader
+from lightning_app.errors import DataMismatchError
 from lightning_app.zoo.weights import file_digest, state_dict_digest
 
 CACHE_VERSION = 1
@@ -405,8 +406,9 @@ class FeatureDataModule(pl.LightningDataModule):
         self._loaders: Dict[str, FeatureLoader] = {}
         labels = np.asarray(train.labels)
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"cached training labels must be in [0, {self.num_classes}), got "
-                             f"[{labels.min()}, {labels.max()}]: the cache does not belong to this dataset")
+            raise DataMismatchError(
+                f"cached training labels must be in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]: "
+                "the feature cache does not belong to this dataset; rebuild it (features.rebuild: true)")
 
     @property
     def num_classes(self) -> int:
