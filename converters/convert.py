@@ -1,25 +1,24 @@
 """Convert a Keras weight file into a timm state dict and save it as safetensors."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
 
 from converters import CONVERTER_VERSION
 from converters.align import align
 from converters.errors import LayerMismatchError, WeightFileError
 from converters.h5 import read_keras_weights
+from converters import layouts
 from converters.layouts import flip_input_channels
+from converters.digest import file_digest
 from converters.manifest import load_manifest
-from lightning_app.zoo.registry import ZooEntry, get_entry
-from lightning_app.zoo.weights import file_digest
-
-StateDict = Dict[str, torch.Tensor]
+from converters.spec import KerasModelSpec, StateDict
 
 
 @dataclass
@@ -32,25 +31,21 @@ class Converted:
         return self.metadata["include_top"] == "true"
 
 
-def _mapping(entry: ZooEntry):
-    return importlib.import_module(f"converters.mappings.{entry.mapping}")
-
-
-def reference_state_dict(entry: ZooEntry, include_top: bool) -> StateDict:
-    """State dict of a freshly built zoo model: the keys and shapes a conversion must produce."""
+def reference_state_dict(spec: KerasModelSpec, include_top: bool) -> Dict[str, torch.Tensor]:
+    """Keys and shapes a conversion must produce: the timm model's, built on the meta device (no memory)."""
     import timm
-    import lightning_app.zoo.archs  # noqa: F401  (registers keras_* models)
 
-    model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=1000 if include_top else 0)
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_arch, pretrained=False, num_classes=1000 if include_top else 0)
     return model.state_dict()
 
 
-def check_against_model(state_dict: StateDict, entry: ZooEntry, include_top: bool) -> StateDict:
+def check_against_model(state_dict: StateDict, entry: KerasModelSpec, include_top: bool) -> StateDict:
     """Fill BatchNorm step counters, then require exactly the model's keys and shapes."""
     reference = reference_state_dict(entry, include_top)
     for key, value in reference.items():
         if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = torch.zeros_like(value)
+            state_dict[key] = torch.zeros(value.shape, dtype=value.dtype)
     missing = sorted(set(reference) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(reference))
     wrong = [f"{k}: converted {tuple(state_dict[k].shape)} vs model {tuple(reference[k].shape)}"
@@ -64,12 +59,16 @@ def check_against_model(state_dict: StateDict, entry: ZooEntry, include_top: boo
     return {k: state_dict[k] for k in reference}
 
 
-def convert(model: str, h5_path: os.PathLike | str) -> Converted:
-    """Convert a Keras Applications weight file (top or notop, legacy ``.h5`` or ``.weights.h5``)."""
-    entry = get_entry(model)
+def convert(entry: KerasModelSpec, h5_path: os.PathLike | str, dtype: torch.dtype = torch.float32) -> Converted:
+    """Convert a Keras Applications weight file (top or notop, legacy ``.h5`` or ``.weights.h5``).
+
+    ``dtype=torch.float64`` is for the float64 parity mode: the same values, with the one piece
+    of arithmetic a mapping may do (folding a conv bias into a BatchNorm mean) left unrounded.
+    """
     weights = read_keras_weights(h5_path)
-    layers, include_top = align(weights, load_manifest(entry.keras_name), entry.keras_name)
-    state_dict = _mapping(entry).to_timm(layers, include_top)
+    layers, include_top = align(weights, load_manifest(entry.manifest_path), entry.keras_name)
+    with layouts.precision({torch.float32: np.float32, torch.float64: np.float64}[dtype]):
+        state_dict = entry.to_timm(layers, include_top)
     if entry.bgr:
         key = f"{entry.first_conv}.weight"
         state_dict[key] = flip_input_channels(state_dict[key])

@@ -4,14 +4,15 @@ Used by the manifest generator, the parity checks and the tests; never at conver
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Tuple
+from typing import Iterator, Tuple
 
-from lightning_app.zoo.registry import ZooEntry
+from converters.spec import KerasModelSpec
 
 
 def import_keras():
-    """Import Keras 3 on the torch backend (never TensorFlow); clear error if it is missing."""
+    """Import Keras 3 on the torch backend (never TensorFlow), on the CPU; clear error if it is missing."""
     backend = os.environ.setdefault("KERAS_BACKEND", "torch")
     # Keras's torch backend puts every tensor on CUDA when CUDA exists (keras/src/backend/torch/core.py), where
     # convolutions run in TF32 by default: the reference must be true float32, on the CPU, on every machine.
@@ -29,24 +30,55 @@ def import_keras():
     return keras
 
 
-def build_keras_model(entry: ZooEntry, include_top: bool, input_size: int | None = None, fresh: bool = True):
+@contextlib.contextmanager
+def keras_floatx(dtype: str) -> Iterator[None]:
+    """Build and run Keras models in ``dtype`` (``"float64"`` for the float64 parity mode).
+
+    ``keras.config.set_floatx`` makes every layer's variables and compute dtype float64, but on
+    the torch (and JAX) backend Keras's type promotion still collapses float64 to float32:
+    ``backend.result_type`` maps its result through ``BIT64_TO_BIT32_DTYPE`` ("float64" ->
+    "float32" unless the backend is TensorFlow, to follow JAX's x64-disabled default). The layers
+    that upcast for stability with ``result_type(x.dtype, "float32")`` (BatchNormalization,
+    LayerNormalization, ``ops.mean`` / ``ops.var`` and so global average pooling) therefore
+    compute in float32 and cast back to float64: BatchNormalization alone is 1e-7 off. Within
+    this context that one mapping is lifted, so float64 stays float64 (restored on exit).
+    """
+    from keras.src.backend.common import dtypes
+
+    keras = import_keras()
+    old_floatx, old_map = keras.config.floatx(), dtypes.BIT64_TO_BIT32_DTYPE.get("float64")
+    keras.config.set_floatx(dtype)
+    if dtype == "float64":
+        dtypes.BIT64_TO_BIT32_DTYPE["float64"] = "float64"
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(old_floatx)
+        dtypes.BIT64_TO_BIT32_DTYPE["float64"] = old_map
+
+
+def build_keras_model(spec: KerasModelSpec, include_top: bool, input_size: int | None = None, fresh: bool = True):
     """Keras model with ``weights=None`` and an explicit input shape; logits, not softmax, on top."""
     keras = import_keras()
     if fresh:
         keras.utils.clear_session()  # auto names (conv2d, conv2d_1, ...) start from zero
-    size = input_size or entry.input_size
+    size = input_size or spec.input_size
     kwargs = dict(weights=None, include_top=include_top, input_shape=(size, size, 3))
     if include_top:
         kwargs["classifier_activation"] = None
-    kwargs.update(entry.keras_kwargs)
-    return getattr(keras.applications, entry.keras_name)(**kwargs)
+    kwargs.update(spec.keras_kwargs)
+    return getattr(keras.applications, spec.application)(**kwargs)
 
 
-def top_and_features(entry: ZooEntry, input_size: int | None = None) -> Tuple[object, object]:
-    """The Keras top model and, sharing its layers, the notop feature model (``include_top=False``)."""
+def top_and_features(spec: KerasModelSpec, input_size: int | None = None) -> Tuple[object, object]:
+    """The Keras top model and, sharing its layers, the notop feature model (``include_top=False``).
+
+    The notop model ends at the manifest's ``notop_output`` layer (where Keras's
+    ``include_top=False`` model ends), so one build serves both.
+    """
+    from converters.manifest import load_manifest
+
     keras = import_keras()
-    notop_names = {layer.name for layer in build_keras_model(entry, False, input_size).layers}
-    top = build_keras_model(entry, True, input_size)
-    first_top_layer = next(layer for layer in top.layers if layer.name not in notop_names)
-    features = keras.Model(top.inputs, first_top_layer.input, name=f"{entry.keras_name}_notop")
-    return top, features
+    top = build_keras_model(spec, True, input_size)
+    output = top.get_layer(load_manifest(spec.manifest_path)["notop_output"]).output
+    return top, keras.Model(top.inputs, output, name=f"{spec.keras_name}_notop")

@@ -1,16 +1,37 @@
-"""Keras (channels-last) weight layouts -> PyTorch layouts, as torch tensors."""
+"""Keras (channels-last) weight layouts -> PyTorch layouts, as torch tensors.
+
+Tensors come out in float32 (the product), or in float64 inside ``precision(np.float64)`` (the
+float64 parity mode: the only arithmetic of a conversion, a conv bias folded into the next
+BatchNorm's mean, then stays exact).
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional
+import contextlib
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
 Tensor = torch.Tensor
+_DTYPE = [np.float32]
 
 
-def _t(a: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+@contextlib.contextmanager
+def precision(dtype) -> Iterator[None]:
+    """Produce tensors of ``dtype`` (``np.float32`` or ``np.float64``) within the context."""
+    _DTYPE.append(np.dtype(dtype).type)
+    try:
+        yield
+    finally:
+        _DTYPE.pop()
+
+
+def array(a: np.ndarray) -> Tensor:
+    """A Keras array as a contiguous torch tensor, as is (bias, Dense bias, ...)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=_DTYPE[-1]))
+
+
+_t = array
 
 
 def conv(kernel: np.ndarray) -> Tensor:
@@ -51,12 +72,12 @@ def batchnorm(weights: Dict[str, np.ndarray], channels: Optional[int] = None,
     ``scale=False`` (no gamma) gives weight 1; ``center=False`` gives bias 0. A conv bias
     that feeds this BN (``bias_before``) folds exactly into the running mean.
     """
-    mean = weights["moving_mean"].astype(np.float32)
+    mean = weights["moving_mean"]
     channels = channels or mean.shape[0]
     gamma = weights.get("gamma", np.ones(channels, np.float32))
     beta = weights.get("beta", np.zeros(channels, np.float32))
-    if bias_before is not None:
-        mean = mean - bias_before
+    if bias_before is not None:  # in float64, rounded once to the output dtype
+        mean = mean.astype(np.float64) - bias_before.astype(np.float64)
     return {
         "weight": _t(gamma),
         "bias": _t(beta),

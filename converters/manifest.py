@@ -6,7 +6,9 @@ layers differently (``conv2d_1`` vs ``conv2d``) and Keras 3 ``.weights.h5`` file
 keep only class-based names. A manifest records, per model and for the top and
 notop variants, each such layer's Keras name (as a fresh Keras 3 session names
 it), snake-case class and weight roles/shapes. It is generated from Keras
-(``python -m converters manifest``) and checked against Keras by the tests.
+(``python -m converters manifest --model NAME``) and checked against Keras by the tests.
+Where it lives is the caller's choice (``spec.manifest_path``; the zoo keeps them in
+``lightning_app/zoo/manifests/<name>.json``).
 """
 from __future__ import annotations
 
@@ -14,11 +16,9 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
-from lightning_app.zoo.registry import ZooEntry, get_entry
-
-MANIFEST_DIR = Path(__file__).with_name("manifests")
+from converters.spec import KerasModelSpec
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,20 @@ def manifest_from_keras_model(model) -> List[LayerSpec]:
     return [_layer_spec(layer) for layer in model.layers if _legacy_weights(layer)]
 
 
-def build_manifest(entry: ZooEntry) -> Dict[str, List[LayerSpec]]:
-    """Build both manifests (top, notop) from Keras (needs Keras 3)."""
+def output_layer_name(model) -> str:
+    """Name of the layer that produces a (single-output) Keras model's output."""
+    return model.outputs[0]._keras_history[0].name
+
+
+def build_manifest(spec: KerasModelSpec) -> Dict[str, Any]:
+    """Build the manifest from Keras (needs Keras 3): ``top`` and ``notop`` layer lists, and
+    ``notop_output``, the layer where the notop model ends (the parity harness cuts the top model there)."""
     from converters.keras_models import build_keras_model
 
-    return {kind: manifest_from_keras_model(build_keras_model(entry, kind == "top"))
-            for kind in ("top", "notop")}
+    notop = build_keras_model(spec, False)
+    manifest = {"notop": manifest_from_keras_model(notop), "notop_output": output_layer_name(notop)}
+    manifest["top"] = manifest_from_keras_model(build_keras_model(spec, True))
+    return manifest
 
 
 def _to_json(specs: List[LayerSpec]) -> list:
@@ -65,26 +73,33 @@ def _from_json(rows: list) -> List[LayerSpec]:
     return [LayerSpec(name, cls, tuple(r for r, _ in ws), tuple(tuple(sh) for _, sh in ws)) for name, cls, ws in rows]
 
 
-def write_manifest(entry: ZooEntry, directory: Path = MANIFEST_DIR) -> Path:
-    import keras
+def write_manifest(spec: KerasModelSpec) -> Path:
+    """Generate ``spec.manifest_path`` from Keras (atomically)."""
+    from converters.keras_models import import_keras
 
-    manifests = build_manifest(entry)
-    path = directory / f"{entry.keras_name}.json"
-    payload = {"keras_name": entry.keras_name, "keras_version": keras.__version__,
-               "input_size": entry.input_size, **{k: _to_json(v) for k, v in manifests.items()}}
+    keras = import_keras()
+
+    path = Path(spec.manifest_path)
+    manifests = build_manifest(spec)
+    payload = {"keras_name": path.stem, "application": spec.application,
+               "keras_kwargs": dict(spec.keras_kwargs), "keras_version": keras.__version__,
+               "input_size": spec.input_size, "notop_output": manifests["notop_output"],
+               "top": _to_json(manifests["top"]), "notop": _to_json(manifests["notop"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
     tmp.replace(path)
+    load_manifest.cache_clear()
     return path
 
 
 @lru_cache(maxsize=None)
-def load_manifest(keras_name: str) -> Dict[str, List[LayerSpec]]:
-    """The committed manifests of a zoo model: ``{"top": [...], "notop": [...]}``."""
-    entry = get_entry(keras_name)
-    path = MANIFEST_DIR / f"{entry.keras_name}.json"
+def load_manifest(path: Path) -> Dict[str, Any]:
+    """A committed manifest: ``{"top": [LayerSpec, ...], "notop": [...], "notop_output": layer name}``."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no layer manifest for {entry.keras_name} at {path}; "
-                                f"generate it with: python -m converters manifest --model {entry.keras_name}")
+        raise FileNotFoundError(f"no layer manifest at {path}; generate it with: "
+                                f"python -m converters manifest --model {path.stem}")
     payload = json.loads(path.read_text())
-    return {kind: _from_json(payload[kind]) for kind in ("top", "notop")}
+    return {"top": _from_json(payload["top"]), "notop": _from_json(payload["notop"]),
+            "notop_output": payload.get("notop_output")}

@@ -1,26 +1,39 @@
-"""Run Keras (optional dependency, torch backend) beside our timm model on the same images.
+"""Run Keras (optional dependency, torch backend, on the CPU) beside our timm model on the same images.
 
 The equivalence proof used by the tests and ``python -m converters verify``: build the
 Keras model with ``weights=None``, give it non-trivial weights (random kernels and biases,
 random BatchNorm affine, moving statistics calibrated on a batch so signal survives
-depth), save it in the legacy ``.h5`` layout of the official files, convert it with our
-converter, and compare outputs on real images.
+depth), save it in the legacy ``.h5`` layout of the official files (top and notop), convert
+them with our converter, and compare outputs on real images.
+
+One Keras build serves top and notop: the notop model is the top model cut where Keras's
+``include_top=False`` model ends (the manifest's ``notop_output``), and one forward pass of a
+two-output model gives both references (``make_case``). ``check_case`` compares ours in
+float32 (tolerance 1e-4 relative); ``check_case_float64`` runs Keras and ours again in float64
+on the same files, with tolerance 1e-9: for very deep nets float32 rounding alone approaches
+1e-4, and float64 leaves no room for an architecture error to hide behind rounding.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from converters.keras_models import import_keras
-from lightning_app.zoo.registry import ZooEntry
+from converters.keras_models import import_keras, keras_floatx
+from converters.spec import KerasModelSpec
 
-#: max |ours - keras| <= TOLERANCE * max |keras| in float32 (ARCHITECTURE.md decision 2)
+#: ``load_model(spec, converted_path, include_top) -> torch model`` (the zoo passes ``create_backbone``'s path)
+ModelLoader = Callable[[KerasModelSpec, Path, bool], torch.nn.Module]
+
+#: max |ours - keras| <= tolerance * max |keras| (ARCHITECTURE.md decision 3)
 TOLERANCE = 1e-4
+TOLERANCE_FLOAT64 = 1e-9
+_TOLERANCES = {"float32": TOLERANCE, "float64": TOLERANCE_FLOAT64}
 
 
 @dataclass
@@ -31,21 +44,26 @@ class ParityReport:
     max_abs_diff: float
     max_abs_ref: float
     top1_agree: Optional[float] = None
+    dtype: str = "float32"
+
+    @property
+    def tolerance(self) -> float:
+        return _TOLERANCES[self.dtype]
 
     @property
     def rel_error(self) -> float:
-        return self.max_abs_diff / max(self.max_abs_ref, 1e-30)
+        return self.max_abs_diff / max(self.max_abs_ref, 1e-300)
 
     @property
     def ok(self) -> bool:
-        return self.rel_error <= TOLERANCE
+        return self.rel_error <= self.tolerance
 
     def __str__(self) -> str:
         kind = "top" if self.include_top else "notop"
         agree = "" if self.top1_agree is None else f", top-1 agreement {self.top1_agree:.0%}"
-        return (f"{self.model} {kind} @{self.input_size}: max|diff| {self.max_abs_diff:.3g}, "
+        return (f"{self.model} {kind} @{self.input_size} {self.dtype}: max|diff| {self.max_abs_diff:.3g}, "
                 f"max|keras| {self.max_abs_ref:.3g}, relative {self.rel_error:.2e} "
-                f"({'ok' if self.ok else 'FAIL'}, tolerance {TOLERANCE:g}){agree}")
+                f"({'ok' if self.ok else 'FAIL'}, tolerance {self.tolerance:g}){agree}")
 
 
 def sample_images(size: int, count: int = 2) -> np.ndarray:
@@ -59,7 +77,7 @@ def sample_images(size: int, count: int = 2) -> np.ndarray:
     return np.stack(out)
 
 
-def randomize_keras_model(model, calibration_images: np.ndarray, mode: str, seed: int = 0) -> None:
+def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasModelSpec, seed: int = 0) -> None:
     """Non-trivial weights: random biases and BN affine, BN statistics calibrated on a batch."""
     keras = import_keras()
     rng = np.random.default_rng(seed)
@@ -77,17 +95,21 @@ def randomize_keras_model(model, calibration_images: np.ndarray, mode: str, seed
         if isinstance(layer, keras.layers.BatchNormalization):
             batchnorms.append((layer, layer.momentum))
             layer.momentum = 0.0  # one training-mode pass sets moving stats to the batch stats
-    x = keras_preprocess(calibration_images, mode)
-    model(x, training=True)
+    with torch.no_grad():
+        model(keras_preprocess(calibration_images, spec), training=True)
     for layer, momentum in batchnorms:
         layer.momentum = momentum
 
 
-def keras_preprocess(images01: np.ndarray, mode: str) -> np.ndarray:
-    """Keras's own ``preprocess_input`` on 0..255 RGB."""
+def keras_preprocess(images01: np.ndarray, spec: KerasModelSpec) -> np.ndarray:
+    """What Keras is fed: its own ``preprocess_input`` on 0..255 RGB, or 0..255 RGB itself for models that
+    normalise inside (``builtin_preprocessing``). Keeps the dtype of ``images01`` (float32 or float64)."""
     from keras.src.applications import imagenet_utils
 
-    return imagenet_utils.preprocess_input(images01 * 255.0, data_format="channels_last", mode=mode)
+    x = images01 * images01.dtype.type(255.0)
+    if spec.builtin_preprocessing:
+        return x
+    return imagenet_utils.preprocess_input(x, data_format="channels_last", mode=spec.mode)
 
 
 def save_legacy_h5(model, path: os.PathLike | str) -> Path:
@@ -101,79 +123,176 @@ def save_legacy_h5(model, path: os.PathLike | str) -> Path:
     return path
 
 
-def keras_outputs(model, images01: np.ndarray, mode: str) -> np.ndarray:
-    out = model(keras_preprocess(images01, mode), training=False)
+def _numpy(out) -> np.ndarray:
     return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
 
 
+def keras_outputs(model, images01: np.ndarray, spec: KerasModelSpec):
+    """The Keras model on ``images01`` (NHWC in [0, 1]): an array, or a list for a multi-output model."""
+    with torch.no_grad():
+        out = model(keras_preprocess(images01, spec), training=False)
+    return [_numpy(o) for o in out] if isinstance(out, (list, tuple)) else _numpy(out)
+
+
+def _normalise(images01: np.ndarray, spec: KerasModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.from_numpy(images01).permute(0, 3, 1, 2).to(dtype)
+    mean = torch.tensor(spec.mean, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 @torch.no_grad()
-def timm_outputs(model: torch.nn.Module, images01: np.ndarray, entry: ZooEntry, include_top: bool) -> np.ndarray:
-    """Our model on [0, 1] RGB input normalised with the entry's (mean, std); NHWC features."""
-    x = torch.from_numpy(images01).permute(0, 3, 1, 2)
-    mean = torch.tensor(entry.mean).view(1, 3, 1, 1)
-    std = torch.tensor(entry.std).view(1, 3, 1, 1)
+def timm_outputs(model: torch.nn.Module, images01: np.ndarray, entry: KerasModelSpec, include_top: bool
+                 ) -> np.ndarray:
+    """Our model on [0, 1] RGB input normalised with the entry's (mean, std): logits, or NHWC features."""
+    dtype = next(model.parameters()).dtype
+    x = _normalise(images01, entry, dtype)
     model.eval()
-    x = (x - mean) / std
     if include_top:
         return model(x).numpy()
     return model.forward_features(x).permute(0, 2, 3, 1).numpy()
 
 
-def compare(entry: ZooEntry, keras_out: np.ndarray, ours: np.ndarray, include_top: bool, size: int) -> ParityReport:
+def compare(entry: KerasModelSpec, keras_out: np.ndarray, ours: np.ndarray, include_top: bool, size: int,
+            dtype: str = "float32") -> ParityReport:
     if keras_out.shape != ours.shape:
         raise AssertionError(f"{entry.keras_name}: output shapes differ, Keras {keras_out.shape} vs ours {ours.shape}")
+    if keras_out.dtype != np.dtype(dtype) or ours.dtype != np.dtype(dtype):
+        raise AssertionError(f"{entry.keras_name}: expected {dtype} outputs, Keras gave {keras_out.dtype}, "
+                             f"ours {ours.dtype}")
     agree = float((keras_out.argmax(-1) == ours.argmax(-1)).mean()) if include_top else None
     return ParityReport(entry.keras_name, include_top, size, float(np.abs(keras_out - ours).max()),
-                        float(np.abs(keras_out).max()), agree)
+                        float(np.abs(keras_out).max()), agree, dtype)
 
 
-def load_into_timm(entry: ZooEntry, converted_path: os.PathLike | str) -> torch.nn.Module:
-    """Our zoo model built through the public entry point from a converted file."""
-    from lightning_app.zoo import create_backbone
+def load_into_timm(entry: KerasModelSpec, converted_path: os.PathLike | str, include_top: bool) -> torch.nn.Module:
+    """``timm.create_model(entry.timm_arch)`` with the converted weights, strictly."""
+    import timm
+
     from converters.convert import load_converted
 
-    _, metadata = load_converted(converted_path)
-    num_classes = None if metadata.get("include_top") == "true" else 0
-    return create_backbone(entry.keras_name, weights=converted_path, num_classes=num_classes)
+    state_dict, _ = load_converted(converted_path)
+    model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=1000 if include_top else 0)
+    model.load_state_dict(state_dict, strict=True)
+    return model
 
 
-def run_random_parity(entry: ZooEntry, workdir: os.PathLike | str, input_size: Optional[int] = None,
-                      num_images: int = 2, seed: int = 0) -> list[ParityReport]:
-    """Random-weight Keras model -> legacy .h5 (top and notop) -> convert -> compare both."""
-    from converters.convert import convert, save_converted
+@dataclass
+class ParityCase:
+    """A randomised Keras model saved as official-layout files, and its float32 outputs on real images."""
+
+    spec: KerasModelSpec
+    input_size: int
+    images: np.ndarray  # NHWC float32 in [0, 1]
+    h5: Dict[bool, Path]  # include_top -> legacy .h5
+    keras_out: Dict[bool, np.ndarray]  # include_top -> logits / NHWC features
+    workdir: Path
+
+    def converted(self, include_top: bool) -> Path:
+        """The converted ``.safetensors`` of the top / notop file (converted once, then reused)."""
+        from converters.convert import convert, save_converted
+
+        path = self.workdir / f"{self.spec.keras_name}_{'top' if include_top else 'notop'}.safetensors"
+        if not path.is_file():
+            converted = convert(self.spec, self.h5[include_top])
+            if converted.include_top != include_top:
+                raise AssertionError(f"{self.h5[include_top]} converted as include_top={converted.include_top}")
+            save_converted(converted, path)
+        return path
+
+    def cleanup(self) -> None:
+        """Delete the files (they can be large); the case cannot be checked again afterwards."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _keras_top_and_notop(spec: KerasModelSpec, size: int) -> Tuple[object, object, object]:
+    """(top, notop, both): the notop model shares the top model's layers; ``both`` outputs [features, logits]."""
     from converters.keras_models import top_and_features
 
     keras = import_keras()
+    top, features = top_and_features(spec, size)
+    both = keras.Model(top.inputs, [features.outputs[0], top.outputs[0]], name=f"{spec.keras_name}_both")
+    return top, features, both
+
+
+def make_case(spec: KerasModelSpec, workdir: os.PathLike | str, input_size: Optional[int] = None,
+              num_images: int = 2, seed: int = 0) -> ParityCase:
+    """Randomise one Keras build, save its top and notop files, and record its outputs (one forward pass)."""
+    keras = import_keras()
     keras.utils.set_random_seed(seed)
     workdir = Path(workdir)
-    size = input_size or entry.input_size
-    top, features = top_and_features(entry, size)
-    randomize_keras_model(top, sample_images(size, 4), entry.mode, seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    size = input_size or spec.input_size
+    top, features, both = _keras_top_and_notop(spec, size)
+    randomize_keras_model(top, sample_images(size, 4), spec, seed)
     images = sample_images(size, num_images)[::-1].copy()
+    h5 = {include_top: save_legacy_h5(model, workdir / f"{spec.keras_name}_{'top' if include_top else 'notop'}.h5")
+          for include_top, model in ((True, top), (False, features))}
+    keras_features, keras_logits = keras_outputs(both, images, spec)
+    return ParityCase(spec, size, images, h5, {True: keras_logits, False: keras_features}, workdir)
+
+
+def check_case(case: ParityCase, load_model: ModelLoader = load_into_timm) -> List[ParityReport]:
+    """Convert the case's top and notop files, load them into ours, compare in float32."""
     reports = []
-    for include_top, keras_model in ((True, top), (False, features)):
-        kind = "top" if include_top else "notop"
-        h5_path = save_legacy_h5(keras_model, workdir / f"{entry.keras_name}_{kind}.h5")
-        out = save_converted(convert(entry.keras_name, h5_path), workdir / f"{entry.keras_name}_{kind}.safetensors")
-        ours = timm_outputs(load_into_timm(entry, out), images, entry, include_top)
-        reports.append(compare(entry, keras_outputs(keras_model, images, entry.mode), ours, include_top, size))
+    for include_top in (True, False):
+        model = load_model(case.spec, case.converted(include_top), include_top)
+        ours = timm_outputs(model, case.images, case.spec, include_top)
+        reports.append(compare(case.spec, case.keras_out[include_top], ours, include_top, case.input_size))
     return reports
 
 
-def verify_file(entry: ZooEntry, h5_path: os.PathLike | str, input_size: Optional[int] = None,
-                num_images: int = 2) -> ParityReport:
+def check_case_float64(case: ParityCase, load_model: ModelLoader = load_into_timm) -> List[ParityReport]:
+    """Keras and ours both in float64 on the case's files (the float32 weights are exact in float64).
+
+    Keras is rebuilt in float64 (``keras_floatx``: variables and computation, BatchNorm included)
+    and loads the same legacy file by order, as it loads the official ones. Ours is the model
+    ``load_model`` gives, in float64, holding the file's values converted in float64 (a folded
+    conv bias is not rounded to float32 first).
+    """
+    from converters.convert import convert
+
+    keras = import_keras()
+    with keras_floatx("float64"):
+        top, _, both = _keras_top_and_notop(case.spec, case.input_size)
+        top.load_weights(str(case.h5[True]))
+        keras_features, keras_logits = keras_outputs(both, case.images.astype(np.float64), case.spec)
+    keras.utils.clear_session()
+    keras_out = {True: keras_logits, False: keras_features}
+    reports = []
+    for include_top in (True, False):
+        model = load_model(case.spec, case.converted(include_top), include_top).double()
+        model.load_state_dict(convert(case.spec, case.h5[include_top], dtype=torch.float64).state_dict)
+        ours = timm_outputs(model, case.images.astype(np.float64), case.spec, include_top)
+        reports.append(compare(case.spec, keras_out[include_top], ours, include_top, case.input_size, "float64"))
+    return reports
+
+
+def run_random_parity(entry: KerasModelSpec, workdir: os.PathLike | str, input_size: Optional[int] = None,
+                      num_images: int = 2, seed: int = 0, load_model: ModelLoader = load_into_timm,
+                      float64: bool = False) -> List[ParityReport]:
+    """Random-weight Keras model -> legacy .h5 (top and notop) -> convert -> compare both (and in float64)."""
+    case = make_case(entry, workdir, input_size, num_images, seed)
+    reports = check_case(case, load_model)
+    if float64:
+        reports += check_case_float64(case, load_model)
+    return reports
+
+
+def verify_file(entry: KerasModelSpec, h5_path: os.PathLike | str, input_size: Optional[int] = None,
+                num_images: int = 2, load_model: ModelLoader = load_into_timm) -> ParityReport:
     """Keras loading ``h5_path`` itself vs our conversion of the same file, on real images."""
     import tempfile
 
     from converters.convert import convert, save_converted
     from converters.keras_models import build_keras_model
 
-    converted = convert(entry.keras_name, h5_path)
+    converted = convert(entry, h5_path)
     size = input_size or entry.input_size
     keras_model = build_keras_model(entry, converted.include_top, size)
     keras_model.load_weights(str(h5_path))
     images = sample_images(size, num_images)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = load_into_timm(entry, save_converted(converted, Path(tmp) / "converted.safetensors"))
+        ours = load_model(entry, save_converted(converted, Path(tmp) / "converted.safetensors"), converted.include_top)
         ours_out = timm_outputs(ours, images, entry, converted.include_top)
-    return compare(entry, keras_outputs(keras_model, images, entry.mode), ours_out, converted.include_top, size)
+    return compare(entry, keras_outputs(keras_model, images, entry), ours_out, converted.include_top, size)

@@ -18,16 +18,13 @@
     +-- CheckpointError (ValueError)                 a checkpoint that is truncated, not ours, or of another model
 
 Each also derives from the built-in exception named in brackets, so ``except ValueError`` keeps working.
-:mod:`lightning_app.entry` prints them for the command-line tools.
+:mod:`lightning_app.entry` prints them for the command-line tools. ``UserError``, ``WeightsError``,
+``WeightFileError`` and ``LayerMismatchError`` are defined in :mod:`converters.errors` (the converter library
+raises them and never imports ``lightning_app``) and re-exported here.
 """
 from __future__ import annotations
 
-
-class UserError(Exception):
-    """A mistake the user can fix; the message says what is wrong and how to fix it."""
-
-    #: short name printed before the message (``"data error: ..."``)
-    kind = "error"
+from converters.errors import LayerMismatchError, UserError, WeightFileError, WeightsError
 
 
 class ConfigError(UserError, ValueError):
@@ -64,22 +61,8 @@ class DataMismatchError(DataError, ValueError):
     """The data does not match what the checkpoint was trained on (class names, input size)."""
 
 
-class WeightsError(UserError):
-    """Backbone weights cannot be used."""
-
-    kind = "weights error"
-
-
 class WeightsUnavailableError(WeightsError, RuntimeError):
     """ImageNet weights are not in the cache and cannot be downloaded."""
-
-
-class WeightFileError(WeightsError, ValueError):
-    """A weight file is unreadable, truncated, or not a Keras / converted weight file."""
-
-
-class LayerMismatchError(WeightsError, ValueError):
-    """A weight file does not match the model it is converted for."""
 
 
 class WeightsProvenanceError(WeightsError, ValueError):

@@ -23,7 +23,7 @@ def keras_densenet(tmp_path_factory):
     keras = import_keras()
     keras.utils.set_random_seed(1)
     model = build_keras_model(ENTRY, include_top=True, input_size=SIZE)
-    parity.randomize_keras_model(model, parity.sample_images(SIZE, 4), ENTRY.mode, seed=1)
+    parity.randomize_keras_model(model, parity.sample_images(SIZE, 4), ENTRY, seed=1)
     root = tmp_path_factory.mktemp("densenet")
     legacy = parity.save_legacy_h5(model, root / "densenet201_top.h5")
     weights_h5 = root / "densenet201.weights.h5"
@@ -32,7 +32,7 @@ def keras_densenet(tmp_path_factory):
     model.save(full)
     images = parity.sample_images(SIZE, 2)
     return dict(model=model, legacy=legacy, weights_h5=weights_h5, full=full, root=root, images=images,
-                logits=parity.keras_outputs(model, images, ENTRY.mode))
+                logits=parity.keras_outputs(model, images, ENTRY))
 
 
 def _ours(path, images):
@@ -61,8 +61,8 @@ def test_cli_convert_then_create_backbone(keras_densenet, tmp_path, capsys):
 
 def test_conversion_is_deterministic(keras_densenet, tmp_path):
     """Same file in, same tensors and metadata out (safetensors may order its header keys freely)."""
-    a = load_converted(save_converted(convert("DenseNet201", keras_densenet["legacy"]), tmp_path / "a.safetensors"))
-    b = load_converted(save_converted(convert("DenseNet201", keras_densenet["legacy"]), tmp_path / "b.safetensors"))
+    a = load_converted(save_converted(convert(ENTRY, keras_densenet["legacy"]), tmp_path / "a.safetensors"))
+    b = load_converted(save_converted(convert(ENTRY, keras_densenet["legacy"]), tmp_path / "b.safetensors"))
     assert a[1] == b[1] and list(a[0]) == list(b[0])
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
@@ -72,7 +72,7 @@ def test_h5_path_loads_directly(keras_densenet):
 
 
 def test_keras3_weights_h5(keras_densenet):
-    converted = convert("DenseNet201", keras_densenet["weights_h5"])
+    converted = convert(ENTRY, keras_densenet["weights_h5"])
     assert converted.metadata["source_layout"] == "keras3" and converted.include_top
     _assert_parity(keras_densenet["logits"], _ours(keras_densenet["weights_h5"], keras_densenet["images"]))
 
@@ -100,13 +100,13 @@ def test_notop_file_gives_features(keras_densenet, tmp_path):
     model = keras_densenet["model"]
     features = keras.Model(model.inputs, model.get_layer("relu").output)
     path = parity.save_legacy_h5(features, tmp_path / "notop.h5")
-    converted = convert("DenseNet201", path)
+    converted = convert(ENTRY, path)
     assert not converted.include_top and not any(k.startswith("classifier") for k in converted.state_dict)
     ours = create_backbone("DenseNet201", weights=path, num_classes=0)
     with torch.no_grad():
         pooled = ours.eval()(torch.zeros(1, 3, SIZE, SIZE))
     assert pooled.shape == (1, ENTRY.num_features)
-    report = parity.compare(ENTRY, parity.keras_outputs(features, keras_densenet["images"], ENTRY.mode),
+    report = parity.compare(ENTRY, parity.keras_outputs(features, keras_densenet["images"], ENTRY),
                             parity.timm_outputs(ours, keras_densenet["images"], ENTRY, False), False, SIZE)
     assert report.ok, str(report)
 
@@ -118,7 +118,7 @@ def test_wrong_model_names_first_mismatching_layer(tmp_path):
     other = keras.applications.DenseNet121(weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None)
     path = parity.save_legacy_h5(other, tmp_path / "densenet121.h5")
     with pytest.raises(LayerMismatchError) as err:
-        convert("DenseNet201", path)
+        convert(ENTRY, path)
     message = str(err.value)
     assert "layer #" in message and "DenseNet201" in message
     assert "(1, 1, 1024, 512)" in message  # DenseNet121's pool4_conv, where DenseNet201 still has dense layers
@@ -129,14 +129,14 @@ def test_not_hdf5_file(tmp_path):
     path = tmp_path / "weights.h5"
     path.write_bytes(b"<html>404 Not Found</html>")
     with pytest.raises(WeightFileError, match="not an HDF5 file"):
-        convert("DenseNet201", path)
+        convert(ENTRY, path)
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "weights.h5"
     path.touch()
     with pytest.raises(WeightFileError, match="empty"):
-        convert("DenseNet201", path)
+        convert(ENTRY, path)
 
 
 def test_truncated_file(keras_densenet, tmp_path):
@@ -144,7 +144,7 @@ def test_truncated_file(keras_densenet, tmp_path):
     path = tmp_path / "truncated.h5"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightFileError, match="truncated"):
-        convert("DenseNet201", path)
+        convert(ENTRY, path)
 
 
 def test_hdf5_but_not_keras(tmp_path):
@@ -152,7 +152,7 @@ def test_hdf5_but_not_keras(tmp_path):
     with h5py.File(path, "w") as f:
         f["x"] = np.zeros(3)
     with pytest.raises(WeightFileError, match="not a Keras weight file"):
-        convert("DenseNet201", path)
+        convert(ENTRY, path)
 
 
 def test_list_cli(capsys):
@@ -161,8 +161,12 @@ def test_list_cli(capsys):
     for name in list_models():
         entry = get_entry(name)
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
-        assert str(entry.input_size) in line and entry.mode in line and entry.top.filename in line
-    assert len(list_models()) == 8
+        assert str(entry.input_size) in line and entry.mode in line
+        assert entry.top.filename in line and entry.notop.filename in line
+    assert f"{len(list_models())} models, {len(list_models(variants=True))} entries counting variants" in out
+    assert converters_main(["list", "--variants"]) == 0
+    out = capsys.readouterr().out
+    assert all(any(line.startswith(name + " ") for line in out.splitlines()) for name in list_models(variants=True))
 
 
 def test_cli_verify_compares_keras_loading_the_same_file(keras_densenet, capsys):
@@ -180,3 +184,87 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys):
     assert converters_main(["convert", "--model", "DenseNet201", "--h5", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "not an HDF5 file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --- the name check beside the order check --------------------------------------------------------
+
+def test_swapped_layers_of_equal_shapes_are_refused(keras_densenet, tmp_path):
+    """Two layers with the same shapes in swapped order: shapes cannot tell, the names do."""
+    path = tmp_path / "swapped.h5"
+    path.write_bytes(keras_densenet["legacy"].read_bytes())
+    a, b = "conv2_block1_2_conv", "conv2_block2_2_conv"  # both (3, 3, 128, 32)
+    with h5py.File(path, "a") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
+        assert f[a][f[a].attrs["weight_names"][0]].shape == f[b][f[b].attrs["weight_names"][0]].shape
+        i, j = names.index(a), names.index(b)
+        names[i], names[j] = names[j], names[i]
+        f.attrs["layer_names"] = [n.encode() for n in names]
+    with pytest.raises(LayerMismatchError) as err:
+        convert(ENTRY, path)
+    message = str(err.value)
+    assert f"named '{b}' where Keras has '{a}'" in message and "wrong layers" in message
+
+
+def _spec(name, cls, roles, shapes):
+    from converters.manifest import LayerSpec
+
+    return LayerSpec(name, cls, tuple(roles), tuple(tuple(s) for s in shapes))
+
+
+def _layer(name, roles, shapes):
+    from converters.h5 import LayerWeights
+
+    return LayerWeights(name, [np.zeros(s, np.float32) for s in shapes], list(roles))
+
+
+def _align(layers, specs):
+    from converters.align import align
+    from converters.h5 import KerasWeights
+
+    return align(KerasWeights("file.h5", "legacy", layers), {"top": specs, "notop": specs[:-1]}, "Demo")
+
+
+_BN = ["gamma", "beta", "moving_mean", "moving_variance"]
+#: a manifest in model.layers order whose auto-named convs are not in creation order (as InceptionV3's)
+_SPECS = [_spec("conv2d", "conv2d", ["kernel"], [(3, 3, 3, 8)]),
+          _spec("conv2d_2", "conv2d", ["kernel"], [(1, 1, 8, 8)]),
+          _spec("conv2d_1", "conv2d", ["kernel"], [(1, 1, 8, 8)]),
+          _spec("block_bn", "batch_normalization", _BN, [(8,)] * 4),
+          _spec("predictions", "dense", ["kernel", "bias"], [(8, 10), (10,)])]
+
+
+def _file(names, roles=None):
+    return [_layer(n, (roles or {}).get(n, s.roles), s.shapes) for n, s in zip(names, _SPECS)]
+
+
+def test_keras2_auto_names_shifted_by_one_are_accepted():
+    """Official Keras 2 files count from 1 (conv2d_1 for Keras 3's conv2d): same order, other numbers."""
+    layers, include_top = _align(_file(["conv2d_1", "conv2d_3", "conv2d_2", "block_bn", "predictions"]), _SPECS)
+    assert include_top and list(layers) == [s.name for s in _SPECS]
+
+
+def test_permuted_auto_names_are_refused():
+    with pytest.raises(LayerMismatchError, match="numbers its conv2d layers in another order"):
+        _align(_file(["conv2d_1", "conv2d_2", "conv2d_3", "block_bn", "predictions"]), _SPECS)
+
+
+def test_other_class_in_place_of_auto_named_layer_is_refused():
+    with pytest.raises(LayerMismatchError, match="named 'dense_4' where Keras has its auto-named conv2d"):
+        _align(_file(["conv2d", "dense_4", "conv2d_1", "block_bn", "predictions"]), _SPECS)
+
+
+def test_keras1_weight_names_are_understood():
+    """VGG16's official files name weights Keras-1 style: block1_conv1_W_1:0, block1_conv1_b_1:0."""
+    from converters.h5 import _role
+
+    roles = {"predictions": [_role("predictions_W_1:0"), _role("predictions_b_1:0")],
+             "block_bn": [_role(f"block_bn/block_bn_{r}:0") for r in ("gamma", "beta", "running_mean", "running_std")]}
+    layers, _ = _align(_file(["conv2d", "conv2d_2", "conv2d_1", "block_bn", "predictions"], roles), _SPECS)
+    assert set(layers["block_bn"]) == set(_BN)
+
+
+def test_weights_stored_in_another_order_are_refused():
+    """BatchNorm's four vectors have one shape: only the weight names tell gamma from the moving variance."""
+    roles = {"block_bn": ["moving_variance", "beta", "moving_mean", "gamma"]}
+    with pytest.raises(LayerMismatchError, match="'block_bn' stores weights"):
+        _align(_file(["conv2d", "conv2d_2", "conv2d_1", "block_bn", "predictions"], roles), _SPECS)

@@ -2,32 +2,96 @@
 
 Keras model (weights=None, explicit input shape) -> random kernels and biases, random BN affine,
 BN statistics calibrated on a batch -> legacy .h5 (the official files' layout) -> our converter
--> create_backbone(weights=file) -> same real images -> max |diff| <= 1e-4 * max |Keras output|.
+-> create_backbone(weights=file) -> same real images -> max |diff| <= 1e-4 * max |Keras output|,
+and for very deep nets (``parity_float64=True``) the same in float64 within 1e-9.
+The models come from the registry (``@keras_application(..., parity=..., parity_float64=...)``).
 """
 import pytest
 
 from converters import parity
-from converters.keras_models import build_keras_model
-from converters.manifest import load_manifest, manifest_from_keras_model
-from lightning_app.zoo import get_entry, list_models
+from converters.keras_models import build_keras_model, import_keras
+from converters.manifest import load_manifest, manifest_from_keras_model, output_layer_name
+from lightning_app.zoo import REGISTRY
+from lightning_app.zoo.cli import load_zoo_model
 
-pytest.importorskip("keras")
+try:
+    import_keras()
+except ImportError:  # pragma: no cover
+    pytest.skip("needs keras (pip install -e '.[test]')", allow_module_level=True)
+
+PARITY_MODELS = [name for name, entry in REGISTRY.items() if entry.parity]
+FLOAT64_MODELS = [name for name, entry in REGISTRY.items() if entry.parity and entry.parity_float64]
+#: one manifest per architecture: the entries that own one (size variants share their model's)
+MANIFEST_MODELS = [name for name, entry in REGISTRY.items() if entry.manifest == entry.keras_name]
+
+
+class Cases:
+    """Parity cases made once per session; kept only while a later test (float64) still needs them."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.cases = {}
+
+    def get(self, name: str) -> parity.ParityCase:
+        if name not in self.cases:
+            self.cases[name] = parity.make_case(REGISTRY[name], self.tmp_path_factory.mktemp(name))
+        return self.cases[name]
+
+    def release(self, name: str) -> None:
+        case = self.cases.pop(name, None)
+        if case is not None:
+            case.cleanup()
+
+
+@pytest.fixture(scope="session")
+def parity_cases(tmp_path_factory):
+    cases = Cases(tmp_path_factory)
+    yield cases
+    for name in list(cases.cases):
+        cases.release(name)
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list_models())
-def test_parity_native_size(name, tmp_path, parity_reports):
-    reports = parity.run_random_parity(get_entry(name), tmp_path)
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_parity_native_size(name, parity_cases, parity_reports):
+    case = parity_cases.get(name)
+    try:
+        reports = parity.check_case(case, load_model=load_zoo_model)
+    finally:
+        if name not in FLOAT64_MODELS:
+            parity_cases.release(name)
     parity_reports.extend(reports)
     assert [r.include_top for r in reports] == [True, False]
+    assert all(r.dtype == "float32" and r.tolerance == 1e-4 for r in reports)
     for report in reports:
         assert report.ok, str(report)
     assert reports[0].top1_agree == 1.0
 
-@pytest.mark.parametrize("name", list_models())
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FLOAT64_MODELS)
+def test_parity_float64(name, parity_cases, parity_reports):
+    """Both sides in float64 (same files): an architecture error cannot hide behind float32 rounding."""
+    try:
+        reports = parity.check_case_float64(parity_cases.get(name), load_model=load_zoo_model)
+    finally:
+        parity_cases.release(name)
+    parity_reports.extend(reports)
+    assert [(r.include_top, r.dtype, r.tolerance) for r in reports] == [(True, "float64", 1e-9),
+                                                                        (False, "float64", 1e-9)]
+    for report in reports:
+        assert report.ok, str(report)
+    assert reports[0].top1_agree == 1.0
+
+
+@pytest.mark.parametrize("name", MANIFEST_MODELS)
 def test_manifest_matches_keras(name):
-    """The committed layer manifests are what Keras itself builds (order, names, shapes)."""
-    entry = get_entry(name)
-    committed = load_manifest(name)
-    for kind in ("top", "notop"):
-        built = manifest_from_keras_model(build_keras_model(entry, kind == "top"))
-        assert built == committed[kind], f"{name} {kind}: regenerate with python -m converters manifest --model {name}"
+    """The committed layer manifests are what Keras itself builds (order, names, shapes, notop output)."""
+    entry = REGISTRY[name]
+    committed = load_manifest(entry.manifest_path)
+    hint = f"regenerate with python -m converters manifest --model {name}"
+    notop = build_keras_model(entry, include_top=False)
+    assert manifest_from_keras_model(notop) == committed["notop"], f"{name} notop: {hint}"
+    assert output_layer_name(notop) == committed["notop_output"], f"{name} notop output: {hint}"
+    assert manifest_from_keras_model(build_keras_model(entry, include_top=True)) == committed["top"], \
+        f"{name} top: {hint}"

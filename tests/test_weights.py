@@ -13,7 +13,7 @@ from converters import parity
 from converters.keras_models import build_keras_model, import_keras
 from lightning_app.zoo import create_backbone, get_entry
 from lightning_app.zoo import weights as zoo_weights
-from lightning_app.zoo.registry import MIRROR_ENV, WeightFile
+from lightning_app.zoo.registry import MIRROR_ENV, KerasFiles, WeightFile
 
 ENTRY = get_entry("DenseNet201")
 SIZE = 32
@@ -59,7 +59,7 @@ def server(monkeypatch, tmp_path):
 
 def _entry_for(data: bytes, md5: str | None = None):
     notop = WeightFile(ENTRY.notop.path, md5 or hashlib.md5(data).hexdigest())
-    return dataclasses.replace(ENTRY, notop=notop)
+    return dataclasses.replace(ENTRY, files=KerasFiles(ENTRY.top, notop))
 
 
 def _cache_files(tmp_path):
@@ -146,7 +146,7 @@ def test_random_init_and_feature_api():
 
 def test_weights_for_another_model_refused(tmp_path, notop_file):
     from converters.convert import convert, save_converted
-    converted = save_converted(convert("DenseNet201", notop_file), tmp_path / "dn.safetensors")
+    converted = save_converted(convert(ENTRY, notop_file), tmp_path / "dn.safetensors")
     with pytest.raises(ValueError, match="holds weights for DenseNet201, not InceptionV3"):
         create_backbone("InceptionV3", weights=converted, num_classes=0)
 
@@ -154,3 +154,34 @@ def test_weights_for_another_model_refused(tmp_path, notop_file):
 def test_non_zoo_model_has_no_imagenet_weights():
     with pytest.raises(ValueError, match="not a zoo model"):
         create_backbone("resnet18", weights="imagenet")
+
+
+def _entry_with_notop_hash(file_hash):
+    return dataclasses.replace(ENTRY, files=KerasFiles(ENTRY.top, WeightFile(ENTRY.notop.path, file_hash)))
+
+
+def test_sha256_published_hash_is_checked(server, notop_file, tmp_path):
+    """ConvNeXt's files are published with sha256 (64 hex digits) rather than md5."""
+    data = notop_file.read_bytes()
+    server["/" + ENTRY.notop.path] = (data, None)
+    with pytest.raises(zoo_weights.WeightsUnavailableError, match="sha256"):
+        zoo_weights.resolve_imagenet(_entry_with_notop_hash("0" * 64), include_top=False)
+    assert _cache_files(tmp_path) == []
+    assert zoo_weights.resolve_imagenet(_entry_with_notop_hash(hashlib.sha256(data).hexdigest()), False).is_file()
+
+
+def test_no_published_hash_is_proven_by_conversion(server, notop_file):
+    """MobileNet v1/v2 files have no published hash: the conversion (names, shapes) is the check."""
+    from converters.convert import load_converted
+
+    data = notop_file.read_bytes()
+    server["/" + ENTRY.notop.path] = (data, None)
+    path = zoo_weights.resolve_imagenet(_entry_with_notop_hash(None), include_top=False)
+    assert load_converted(path)[1]["source_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_no_published_hash_wrong_file_is_deleted(server, tmp_path):
+    server["/" + ENTRY.notop.path] = (b"<html>not the weights</html>", None)
+    with pytest.raises(zoo_weights.WeightsUnavailableError, match="not DenseNet201's official file"):
+        zoo_weights.resolve_imagenet(_entry_with_notop_hash(None), include_top=False)
+    assert _cache_files(tmp_path) == []

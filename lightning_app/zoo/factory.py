@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 import timm
 import torch.nn as nn
 
-from lightning_app.zoo.registry import REGISTRY, get_entry
+from lightning_app.zoo.registry import get_entry, list_models
 
 WeightsArg = Union[str, os.PathLike, None]
 
@@ -28,7 +28,7 @@ def preprocessing(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         return entry.mean, entry.std
     cfg = timm.get_pretrained_cfg(name)
     if cfg is None:
-        raise KeyError(f"unknown model {name!r}: neither in the zoo ({', '.join(REGISTRY)}) nor in timm")
+        raise KeyError(f"unknown model {name!r}: neither in the zoo ({', '.join(list_models())}) nor in timm")
     return tuple(cfg.mean), tuple(cfg.std)
 
 
@@ -41,7 +41,8 @@ def create_backbone(
     """Build a Keras-equivalent backbone.
 
     Args:
-        name: Keras name from the zoo (``"InceptionV3"``) or any timm model name.
+        name: zoo name (``"InceptionV3"``, a variant such as ``"MobileNetV2_035_96"``; see
+            ``python -m converters list --variants``) or any timm model name.
         weights: ``"imagenet"`` (Keras ImageNet weights: cache, else download and convert),
             a path to a converted ``.safetensors`` or a Keras ``.h5`` file, or ``None``
             for random initialisation.
@@ -56,7 +57,7 @@ def create_backbone(
         if weights == "imagenet":
             raise ValueError(
                 f"{name!r} is not a zoo model, so it has no Keras ImageNet weights; "
-                f"use weights=None, a .safetensors file, or one of: {', '.join(REGISTRY)}"
+                f"use weights=None, a .safetensors file, or one of: {', '.join(list_models())}"
             )
         model = timm.create_model(name, pretrained=False, num_classes=1000 if num_classes is None else num_classes,
                                   **timm_kwargs)
@@ -66,8 +67,10 @@ def create_backbone(
 
     entry = get_entry(name)
     include_top = num_classes is None or num_classes == 1000
-    model = timm.create_model(entry.timm_arch, pretrained=False,
-                              num_classes=1000 if include_top else num_classes, **timm_kwargs)
+    # a size variant shares its architecture with the default size: its pretrained_cfg says its own size
+    overlay = dict(input_size=(3, entry.input_size, entry.input_size), **timm_kwargs.pop("pretrained_cfg_overlay", {}))
+    model = timm.create_model(entry.timm_arch, pretrained=False, num_classes=1000 if include_top else num_classes,
+                              pretrained_cfg_overlay=overlay, **timm_kwargs)
     if weights is not None:
         load_weights(model, weights, entry=entry, include_top=include_top)
     return model

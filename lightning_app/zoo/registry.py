@@ -1,41 +1,74 @@
-"""The zoo table: one row per Keras Applications model.
+"""The zoo table, collected from the ``@keras_application`` decorators of the family files.
 
-Each row says which timm architecture reproduces the Keras model exactly, its
-native input size, its Keras preprocessing as a (mean, std) on [0, 1] RGB input
-(``bgr``: Keras feeds BGR, folded into the first conv at conversion time), and
-the official Keras weight files (URL and md5) with and without the top.
+A family file (``lightning_app/zoo/families/<family>.py``) holds everything about its models, as a
+timm model file and a Keras Applications module do together: the Keras-equivalent architecture
+built from timm layers, the Keras -> timm weight mapping, and one ``@keras_application`` per timm
+model function, right under ``@register_model``, carrying the official Keras files (URL + hash, top
+and notop, other input sizes), preprocessing, native size and published top-1::
+
+    @register_model
+    @keras_application("InceptionV3", size=299, mode="tf", top1=77.9, mapping=to_timm,
+                       files=tf_kernels("inception_v3/inception_v3", "9a0d5805...", "bcbd6486..."),
+                       first_conv="Conv2d_1a_3x3.conv", classifier="fc", parity_float64=True)
+    def keras_inception_v3(pretrained=False, **kwargs):
+        return build_model_with_cfg(KerasInceptionV3, "keras_inception_v3", pretrained, **kwargs)
+
+The decorator also writes the timm ``pretrained_cfg`` (input size, mean / std, first conv,
+classifier) into the module's ``default_cfgs``, which ``@register_model`` then registers. The
+table (``REGISTRY``), ``python -m converters list``, the README table and the parity tests are
+derived from what the decorators collect; ``lightning_app.zoo`` imports every family module.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import timm
+import torch
+from timm.models import generate_default_cfgs
+
+from converters.digest import hash_algorithm
+from converters.preprocessing import PREPROCESSING, preprocessing
+from converters.spec import KerasLayers, StateDict
 
 KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-#: Environment variable naming a mirror of KERAS_BASE_URL (same layout), e.g. an internal server.
+#: EfficientNet (v1) files live under another bucket path
+KERAS_BASE_URL_E = "https://storage.googleapis.com/keras-applications/"
+#: Environment variable naming a mirror of the Keras weight hosts (same relative paths), e.g. an internal server.
 MIRROR_ENV = "KERAS_APPLICATIONS_MIRROR"
+#: Where the layer manifests live: ``<name>.json`` (see ``converters.manifest``)
+MANIFEST_DIR = Path(__file__).with_name("manifests")
 
-#: Keras ``imagenet_utils.preprocess_input`` modes as (mean, std) on [0, 1] RGB input.
-PREPROCESSING: Dict[str, Tuple[Tuple[float, float, float], Tuple[float, float, float], bool]] = {
-    # caffe: RGB->BGR, subtract the BGR mean in 0..255 units, no scaling.
-    "caffe": ((123.68 / 255, 116.779 / 255, 103.939 / 255), (1 / 255, 1 / 255, 1 / 255), True),
-    # tf: x / 127.5 - 1
-    "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False),
-    # torch: x / 255, then ImageNet mean / std
-    "torch": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
-}
+__all__ = ["KERAS_BASE_URL", "KERAS_BASE_URL_E", "MIRROR_ENV", "PREPROCESSING", "REGISTRY", "KerasFiles",
+           "SizeVariant", "WeightFile", "ZooEntry", "get_entry", "keras_application", "list_models", "tf_kernels",
+           "variants_of"]
 
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One official Keras weight file."""
+    """One official Keras weight file.
 
-    path: str  # relative to KERAS_BASE_URL
-    md5: str
+    ``file_hash`` is what Keras checks (``keras.utils.get_file``): md5 (32 hex digits) or sha256
+    (64), or None where Keras ships none (MobileNet v1 / v2): such a file is accepted as Keras
+    accepts it, then proven structurally by the conversion (every layer's name and shape must
+    match the manifest), and the converted file records its sha256.
+    """
+
+    path: str  # relative to ``base``
+    file_hash: Optional[str]
+    base: str = KERAS_BASE_URL
+
+    @property
+    def hash_algorithm(self) -> Optional[str]:
+        return hash_algorithm(self.file_hash)
 
     @property
     def url(self) -> str:
-        base = os.environ.get(MIRROR_ENV) or KERAS_BASE_URL
+        base = os.environ.get(MIRROR_ENV) or self.base
         return base.rstrip("/") + "/" + self.path
 
     @property
@@ -44,110 +77,214 @@ class WeightFile:
 
 
 @dataclass(frozen=True)
-class ZooEntry:
-    """A Keras Applications model and its Keras-equivalent timm architecture."""
+class KerasFiles:
+    """The official top (``include_top=True``) and notop weight files of one model."""
 
-    keras_name: str  # name in keras.applications, e.g. "InceptionV3"
-    timm_arch: str  # registered timm model name
-    input_size: int  # native (square) input size
-    mode: str  # Keras preprocessing mode: caffe | tf | torch
     top: WeightFile
     notop: WeightFile
-    mapping: str  # module in converters.mappings holding the Keras -> timm layer mapping
+
+
+def tf_kernels(stem: str, top_hash: Optional[str], notop_hash: Optional[str]) -> KerasFiles:
+    """The common naming: ``<stem>_weights_tf_dim_ordering_tf_kernels[_notop].h5``."""
+    return KerasFiles(WeightFile(f"{stem}_weights_tf_dim_ordering_tf_kernels.h5", top_hash),
+                      WeightFile(f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5", notop_hash))
+
+
+@dataclass(frozen=True)
+class SizeVariant:
+    """The same architecture at another input size with its own Keras weights (MobileNet rows).
+
+    Registered as ``<name>_<size>``; ``parity=True`` adds it to the parity tests.
+    """
+
+    size: int
+    files: KerasFiles
+    top1: Optional[float] = None
+    parity: bool = False
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A Keras Applications model and its Keras-equivalent timm architecture.
+
+    Satisfies ``converters.spec.KerasModelSpec``, so the converter library takes it directly.
+    """
+
+    keras_name: str  # zoo name, e.g. "InceptionV3", "MobileNetV2_035_96"
+    application: str  # keras.applications function, e.g. "MobileNetV2"
+    timm_arch: str  # registered timm model name
+    input_size: int  # native (square) input size
+    mode: str  # preprocessing mode (converters.preprocessing.PREPROCESSING)
+    files: KerasFiles
+    mapping: Callable[[KerasLayers, bool], StateDict] = field(repr=False, compare=False)
     first_conv: str  # timm parameter prefix of the first conv (where a BGR flip is folded)
-    num_features: int  # pooled feature width (include_top=False, pooling="avg")
-    top1: float  # published Keras ImageNet top-1 (%)
-    keras_kwargs: Dict[str, object] = field(default_factory=dict)  # extra args for parity builds
+    top1: Optional[float]  # published Keras ImageNet top-1 (%), None if unpublished
+    keras_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"alpha": 0.35}
+    builtin_preprocessing: bool = False  # Keras normalises inside the model (EfficientNet, ConvNeXt, ...)
+    manifest: str = ""  # manifest name (default: keras_name); size variants share their model's
+    variant_of: Optional[str] = None  # the default model of the same application, for variants
+    parity: bool = True  # in the parity tests (top and notop at the native size)
+    parity_float64: bool = False  # also in the float64 parity test (very deep nets)
+    family: str = ""  # the family module that registered it
+
+    # --- derived ---------------------------------------------------------------------------------
+    @property
+    def top(self) -> WeightFile:
+        return self.files.top
+
+    @property
+    def notop(self) -> WeightFile:
+        return self.files.notop
+
+    def weight_file(self, include_top: bool) -> WeightFile:
+        return self.files.top if include_top else self.files.notop
 
     @property
     def mean(self) -> Tuple[float, float, float]:
-        return PREPROCESSING[self.mode][0]
+        return PREPROCESSING[self.mode].mean
 
     @property
     def std(self) -> Tuple[float, float, float]:
-        return PREPROCESSING[self.mode][1]
+        return PREPROCESSING[self.mode].std
 
     @property
     def bgr(self) -> bool:
-        return PREPROCESSING[self.mode][2]
+        return PREPROCESSING[self.mode].bgr
 
-    def weight_file(self, include_top: bool) -> WeightFile:
-        return self.top if include_top else self.notop
+    @property
+    def manifest_path(self) -> Path:
+        return MANIFEST_DIR / f"{self.manifest or self.keras_name}.json"
 
+    @cached_property
+    def num_features(self) -> int:
+        """Pooled feature width (Keras ``include_top=False, pooling="avg"``); built on the meta device."""
+        with torch.device("meta"):
+            return int(timm.create_model(self.timm_arch, pretrained=False, num_classes=0).num_features)
 
-def _files(stem: str, top_md5: str, notop_md5: str) -> Dict[str, WeightFile]:
-    return {
-        "top": WeightFile(f"{stem}_weights_tf_dim_ordering_tf_kernels.h5", top_md5),
-        "notop": WeightFile(f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5", notop_md5),
-    }
-
-
-_ENTRIES = [
-    ZooEntry(
-        "NASNetLarge", "keras_nasnetalarge", 331, "tf",
-        top=WeightFile("nasnet/NASNet-large.h5", "11577c9a518f0070763c2b964a382f17"),
-        notop=WeightFile("nasnet/NASNet-large-no-top.h5", "d81d89dc07e6e56530c4e77faddd61b5"),
-        mapping="nasnet", first_conv="conv0.conv", num_features=4032, top1=82.5,
-    ),
-    ZooEntry(
-        "InceptionResNetV2", "keras_inception_resnet_v2", 299, "tf",
-        **_files("inception_resnet_v2/inception_resnet_v2",
-                 "e693bd0210a403b3192acc6073ad2e96", "d19885ff4a710c122648d3b5c3b684e4"),
-        mapping="inception_resnet_v2", first_conv="conv2d_1a.conv", num_features=1536, top1=80.3,
-    ),
-    ZooEntry(
-        "InceptionV3", "keras_inception_v3", 299, "tf",
-        **_files("inception_v3/inception_v3",
-                 "9a0d58056eeedaa3f26cb7ebd46da564", "bcbd6486424b2319ff4ef7d526e38f63"),
-        mapping="inception_v3", first_conv="Conv2d_1a_3x3.conv", num_features=2048, top1=77.9,
-    ),
-    ZooEntry(
-        "DenseNet201", "keras_densenet201", 224, "torch",
-        **_files("densenet/densenet201",
-                 "1ceb130c1ea1b78c3bf6114dbdfd8807", "c13680b51ded0fb44dff2d8f86ac8bb1"),
-        mapping="densenet", first_conv="features.conv0", num_features=1920, top1=77.3,
-    ),
-    ZooEntry(
-        "ResNet152V2", "keras_resnet152v2", 224, "tf",
-        **_files("resnet/resnet152v2",
-                 "a49b44d1979771252814e80f8ec446f9", "ed17cf2e0169df9d443503ef94b23b33"),
-        mapping="resnet_v2", first_conv="stem.conv", num_features=2048, top1=78.0,
-    ),
-    ZooEntry(
-        "Xception", "keras_xception", 299, "tf",
-        **_files("xception/xception",
-                 "0a58e3b7378bc2990ea3b43d5981f1f6", "b0042744bf5b25fce3cb969f33bebb97"),
-        mapping="xception", first_conv="conv1", num_features=2048, top1=79.0,
-    ),
-    ZooEntry(
-        "VGG16", "keras_vgg16", 224, "caffe",
-        **_files("vgg16/vgg16",
-                 "64373286793e3c8b2b4e3219cbf3544b", "6d6bbae143d832006294945121d1f1fc"),
-        mapping="vgg", first_conv="features.0", num_features=512, top1=71.3,
-    ),
-    ZooEntry(
-        "ResNet50", "keras_resnet50", 224, "caffe",
-        **_files("resnet/resnet50",
-                 "2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
-        mapping="resnet", first_conv="conv1", num_features=2048, top1=74.9,
-    ),
-]
-
-REGISTRY: Dict[str, ZooEntry] = {e.keras_name: e for e in _ENTRIES}
-_BY_LOWER = {name.lower(): e for name, e in REGISTRY.items()}
-_BY_LOWER.update({e.timm_arch: e for e in _ENTRIES})
+    def to_timm(self, layers: KerasLayers, include_top: bool) -> StateDict:
+        """Keras layers (manifest names) -> timm state dict (``converters.spec.KerasModelSpec``)."""
+        return self.mapping(layers, include_top)
 
 
-def list_models() -> list[str]:
-    """Keras names of every model in the zoo, in table order."""
-    return list(REGISTRY)
+REGISTRY: Dict[str, ZooEntry] = {}
+_BY_LOWER: Dict[str, ZooEntry] = {}
+_BY_ARCH: Dict[str, ZooEntry] = {}
+
+
+def _add(entry: ZooEntry, by_arch: bool) -> None:
+    key = entry.keras_name.lower()
+    old = _BY_LOWER.get(key)
+    if old is not None and (old.family, old.timm_arch) != (entry.family, entry.timm_arch):
+        raise ValueError(f"zoo name {entry.keras_name!r} is registered twice: by {old.family} ({old.timm_arch}) "
+                         f"and {entry.family} ({entry.timm_arch})")
+    REGISTRY[entry.keras_name] = entry
+    _BY_LOWER[key] = entry
+    if by_arch:
+        _BY_ARCH[entry.timm_arch] = entry
+
+
+def _timm_cfg(entry: ZooEntry, classifier: str, cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """timm ``pretrained_cfg`` of a zoo model: Keras input size and preprocessing (mean, std)."""
+    out = dict(
+        url="", num_classes=1000, input_size=(3, entry.input_size, entry.input_size), pool_size=None,
+        crop_pct=1.0, interpolation="bilinear", mean=entry.mean, std=entry.std, first_conv=entry.first_conv,
+        classifier=classifier, hf_hub_id=None, source="keras-applications", license="apache-2.0",
+        notes=(f"Keras {entry.application}{_kwargs_text(entry.keras_kwargs)}, preprocessing mode {entry.mode!r}",),
+    )
+    out.update(cfg)
+    return out
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return "(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")" if kwargs else ""
+
+
+def keras_application(
+    name: str,
+    *,
+    size: int,
+    mode: str,
+    files: KerasFiles,
+    top1: Optional[float],
+    mapping: Callable[[KerasLayers, bool], StateDict],
+    first_conv: str,
+    classifier: str = "classifier",
+    application: Optional[str] = None,
+    keras_kwargs: Optional[Mapping[str, Any]] = None,
+    builtin_preprocessing: bool = False,
+    sizes: Sequence[SizeVariant] = (),
+    parity: Optional[bool] = None,
+    parity_float64: bool = False,
+    cfg: Optional[Mapping[str, Any]] = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated timm model function as the Keras model ``name`` (place it right under
+    ``@register_model``).
+
+    Args:
+        name: zoo name. The Keras name for a default model (``"MobileNetV2"``); for variants the
+            Keras name plus what differs, e.g. ``"MobileNetV2_035"`` (alpha 0.35).
+        size: native input size. mode: preprocessing mode (``converters.preprocessing``).
+        files: the official weight files (``KerasFiles``; ``tf_kernels(stem, top_hash, notop_hash)``).
+        top1: published Keras ImageNet top-1 (%), None if unpublished.
+        mapping: ``mapping(layers, include_top) -> timm state dict`` (Keras layer names as in the manifest).
+        first_conv / classifier: timm names of the first conv and the classifier (``pretrained_cfg``).
+        application: the ``keras.applications`` function (default: ``name``); keras_kwargs: its extra
+            arguments (``alpha``, ``minimalistic``, ...). A ``name`` other than ``application`` makes a variant.
+        builtin_preprocessing: Keras normalises inside the model; the parity harness feeds it 0..255.
+        sizes: the same architecture at other input sizes, registered as ``<name>_<size>``.
+        parity: run the parity tests (default: for default models, not for variants).
+        parity_float64: also run the float64 parity test (very deep nets).
+        cfg: extra timm ``pretrained_cfg`` fields (e.g. ``pool_size``).
+    """
+    application = application or name
+    keras_kwargs = dict(keras_kwargs or {})
+    preprocessing(mode)  # unknown modes fail at import, naming the known ones
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        arch = fn.__name__
+        if timm.models.is_model(arch):
+            raise TypeError(f"{fn.__module__}.{arch}: put @keras_application below @register_model "
+                            "(its pretrained_cfg must exist when timm registers the model)")
+        family = fn.__module__.rsplit(".", 1)[-1]
+        variant_of = None if name == application else application
+        entry = ZooEntry(
+            keras_name=name, application=application, timm_arch=arch, input_size=size, mode=mode, files=files,
+            mapping=mapping, first_conv=first_conv, top1=top1, keras_kwargs=keras_kwargs,
+            builtin_preprocessing=builtin_preprocessing, manifest=name, variant_of=variant_of,
+            parity=variant_of is None if parity is None else parity, parity_float64=parity_float64, family=family,
+        )
+        _add(entry, by_arch=True)
+        for variant in sizes:
+            _add(ZooEntry(
+                keras_name=f"{name}_{variant.size}", application=application, timm_arch=arch,
+                input_size=variant.size, mode=mode, files=variant.files, mapping=mapping, first_conv=first_conv,
+                top1=variant.top1, keras_kwargs=keras_kwargs, builtin_preprocessing=builtin_preprocessing,
+                manifest=name, variant_of=application, parity=variant.parity, family=family,
+            ), by_arch=False)
+        module = sys.modules[fn.__module__]
+        default_cfgs = module.__dict__.setdefault("default_cfgs", {})
+        default_cfgs.update(generate_default_cfgs({f"{arch}.keras_in1k": _timm_cfg(entry, classifier, cfg or {})}))
+        return fn
+
+    return decorate
+
+
+def list_models(variants: bool = False) -> List[str]:
+    """Zoo names of the default models (``variants=True``: every registered model), in table order."""
+    return [name for name, e in REGISTRY.items() if variants or e.variant_of is None]
+
+
+def variants_of(name: str) -> List[str]:
+    """Zoo names of the variants of a default model (other alphas, sizes, ...)."""
+    return [n for n, e in REGISTRY.items() if e.variant_of == name]
 
 
 def get_entry(name: str) -> ZooEntry:
-    """Look up a zoo entry by Keras name (case-insensitive) or timm architecture name."""
-    entry = _BY_LOWER.get(name.lower())
+    """Look up a zoo entry by zoo name (case-insensitive) or timm architecture name."""
+    entry = _BY_LOWER.get(name.lower()) or _BY_ARCH.get(name)
     if entry is None:
         from lightning_app.errors import UnknownModelError
 
-        raise UnknownModelError(f"unknown model {name!r}; the zoo has: {', '.join(REGISTRY)}")
+        raise UnknownModelError(f"unknown model {name!r}; the zoo has: {', '.join(list_models())} "
+                                f"(and their variants: python -m converters list --variants)")
     return entry

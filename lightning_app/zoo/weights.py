@@ -1,8 +1,13 @@
-"""Resolve zoo weights: local cache -> download (md5, atomic) -> convert -> safetensors.
+"""Resolve zoo weights: local cache -> download (hash-checked, atomic) -> convert -> safetensors.
 
 The cache directory is ``$KERAS_ZOO_CACHE`` if set, else ``~/.cache/keras_lightning_zoo``.
 It holds the official Keras ``.h5`` files (``keras/``) and their conversions
 (``converted/<KerasName>_<top|notop>.safetensors``).
+
+Files are checked with the hash Keras publishes (md5, or sha256 for ConvNeXt). Where Keras
+publishes none (MobileNet v1 / v2), the file is accepted as Keras accepts it and proven by its
+conversion instead: every layer's name and shape must match the model's manifest, else the
+file is refused (and a fresh download deleted); the converted file records its sha256.
 """
 from __future__ import annotations
 
@@ -15,8 +20,12 @@ from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
+from converters.digest import file_digest, hash_algorithm
 from lightning_app.errors import WeightsUnavailableError
 from lightning_app.zoo.registry import WeightFile, ZooEntry
+
+__all__ = ["CACHE_ENV", "WeightsUnavailableError", "cache_dir", "converted_path", "download", "file_digest",
+           "is_cached", "keras_file_path", "load_weights", "resolve_imagenet", "state_dict_digest"]
 
 CACHE_ENV = "KERAS_ZOO_CACHE"
 
@@ -43,12 +52,6 @@ def is_cached(name: str, include_top: bool) -> bool:
     return converted_path(entry, include_top).is_file() or keras_file_path(entry, include_top).is_file()
 
 
-def file_digest(path: Union[str, os.PathLike], algorithm: str) -> str:
-    """Hex digest of a file, read in chunks (``algorithm``: ``"md5"``, ``"sha256"``, ...)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
-
-
 def _progress(total: Optional[int], description: str) -> Callable[[int], None]:
     """A rich progress bar advanced by byte counts; a no-op when rich is unavailable."""
     try:
@@ -69,8 +72,11 @@ def _progress(total: Optional[int], description: str) -> Callable[[int], None]:
     return advance
 
 
-def download(url: str, dest: Path, md5: Optional[str], timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` atomically: a partial or corrupt transfer never lands at ``dest``."""
+def download(url: str, dest: Path, file_hash: Optional[str], timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` atomically: a partial or corrupt transfer never lands at ``dest``.
+
+    ``file_hash``: md5 (32 hex digits) or sha256 (64) the file must have; None: no check.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
@@ -88,8 +94,9 @@ def download(url: str, dest: Path, md5: Optional[str], timeout: float = 60.0) ->
                 advance(-1)
             if total is not None and received != total:
                 raise WeightsUnavailableError(f"download of {url} was cut off after {received} of {total} bytes")
-        if md5 is not None and (got := file_digest(tmp, "md5")) != md5:
-            raise WeightsUnavailableError(f"{url}: md5 {got} does not match the expected {md5}; "
+        algorithm = hash_algorithm(file_hash)
+        if file_hash is not None and (got := file_digest(tmp, algorithm)) != file_hash:
+            raise WeightsUnavailableError(f"{url}: {algorithm} {got} does not match the expected {file_hash}; "
                                           "the file is corrupt or not the official one, nothing was cached")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as err:
@@ -105,7 +112,7 @@ def _offline_message(entry: ZooEntry, include_top: bool, reason: str) -> str:
     return (
         f"Keras ImageNet weights for {entry.keras_name} ({kind}) are not cached and could not be downloaded "
         f"({reason}).\n"
-        f"  Either download {wf.url} (md5 {wf.md5})\n"
+        f"  Either download {wf.url} ({_hash_text(wf)})\n"
         f"  and put it at {keras_file_path(entry, include_top)}\n"
         f"  or convert a local file: python -m converters convert --model {entry.keras_name} "
         f"--h5 FILE --out {converted_path(entry, include_top)}\n"
@@ -113,27 +120,45 @@ def _offline_message(entry: ZooEntry, include_top: bool, reason: str) -> str:
     )
 
 
+def _hash_text(wf: WeightFile) -> str:
+    return f"{wf.hash_algorithm} {wf.file_hash}" if wf.file_hash else "Keras publishes no hash for it"
+
+
 def resolve_imagenet(entry: ZooEntry, include_top: bool) -> Path:
     """Path to converted ImageNet weights, converting or downloading as needed."""
     from converters.convert import convert, save_converted
+    from converters.errors import LayerMismatchError, WeightFileError
 
     out = converted_path(entry, include_top)
     if out.is_file():
         return out
     h5 = keras_file_path(entry, include_top)
     wf = entry.weight_file(include_top)
+    downloaded = False
     if h5.is_file():
-        if (got := file_digest(h5, "md5")) != wf.md5:
+        if wf.file_hash is not None and (got := file_digest(h5, wf.hash_algorithm)) != wf.file_hash:
             raise WeightsUnavailableError(
-                f"{h5} has md5 {got}, not the official {wf.md5}: delete it (it will be downloaded again) "
-                f"or convert it explicitly with python -m converters convert"
+                f"{h5} has {wf.hash_algorithm} {got}, not the official {wf.file_hash}: delete it (it will be "
+                f"downloaded again) or convert it explicitly with python -m converters convert"
             )
     else:
         try:
-            download(wf.url, h5, wf.md5)
+            download(wf.url, h5, wf.file_hash)
+            downloaded = True
         except WeightsUnavailableError as err:
             raise WeightsUnavailableError(_offline_message(entry, include_top, str(err))) from err
-    return save_converted(convert(entry.keras_name, h5), out)
+    try:
+        converted = convert(entry, h5)
+    except (LayerMismatchError, WeightFileError) as err:
+        if wf.file_hash is not None:
+            raise
+        if downloaded:
+            h5.unlink(missing_ok=True)  # no hash to check: a file that does not convert is not the official one
+        raise WeightsUnavailableError(
+            f"{wf.url} ({h5}) is not {entry.keras_name}'s official file: {err}"
+            + (" The download was deleted." if downloaded else " Delete it; it will be downloaded again.")
+        ) from err
+    return save_converted(converted, out)
 
 
 def load_weights(model: nn.Module, weights: Union[str, os.PathLike], entry: Optional[ZooEntry],
@@ -154,7 +179,7 @@ def load_weights(model: nn.Module, weights: Union[str, os.PathLike], entry: Opti
         if path.suffix == ".h5":
             if entry is None:
                 raise ValueError(f"{path}: Keras .h5 files can only be loaded into zoo models")
-            state_dict = convert(entry.keras_name, path).state_dict
+            state_dict = convert(entry, path).state_dict
         else:
             state_dict, metadata = load_converted(path)
             if entry is not None and metadata.get("keras_model") not in (None, entry.keras_name):

@@ -11,14 +11,22 @@ Differences from timm's ``resnet50/101/152`` and how they are handled:
 
 The stem (zero-pad 3 + 7x7/2 valid conv, BN, ReLU, zero-pad 1 + 3x3/2 max pool) is timm's: the
 pool follows a ReLU, so Keras's zero padding and PyTorch's -inf padding give the same maximum.
+
+Mapping (timm's ResNet layout): Keras ``conv{s}_block{b}_{k}_conv`` / ``_{k}_bn`` -> ``layer{s-1}.{b-1}.conv{k}`` / ``bn{k}``;
+the projection shortcut ``_0_conv`` / ``_0_bn`` -> ``downsample.0`` / ``downsample.1``.
+Every Keras conv has a bias; it folds into the BatchNorm that follows it.
 """
+from __future__ import annotations
+
 from functools import partial
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-from lightning_app.zoo.archs._cfg import keras_cfg
+from converters.builder import StateDictBuilder, block_count
+from converters.spec import KerasLayers
+from lightning_app.zoo.registry import keras_application, tf_kernels
 
 KERAS_BN_EPS = 1.001e-5
 KERAS_BN_MOMENTUM = 0.01  # PyTorch momentum = 1 - Keras momentum (0.99)
@@ -42,19 +50,29 @@ def _create(variant: str, layers, pretrained: bool = False, **kwargs) -> ResNet:
     return build_model_with_cfg(ResNet, variant, pretrained, block=KerasBottleneck, layers=layers, **kwargs)
 
 
-def _cfg(keras_name: str) -> dict:
-    # ResNet101/152 are not zoo rows (yet): same input size, preprocessing and first conv as ResNet50.
-    return keras_cfg("ResNet50", classifier="fc", notes=(f"Keras {keras_name}, preprocessing mode 'caffe'",))
+def to_timm(layers: KerasLayers, include_top: bool) -> dict:
+    """Keras ResNet (v1) layers -> timm ``ResNet`` state dict (conv biases folded into the BatchNorms)."""
+    b = StateDictBuilder(layers, "ResNet")
+    b.conv_bias_into_bn("conv1_conv", "conv1", "conv1_bn", "bn1")
+    for stage in (2, 3, 4, 5):
+        for i in range(1, block_count(layers, stage) + 1):
+            keras, timm = f"conv{stage}_block{i}", f"layer{stage - 1}.{i - 1}"
+            if f"{keras}_0_conv" in layers:
+                b.conv_bias_into_bn(f"{keras}_0_conv", f"{timm}.downsample.0", f"{keras}_0_bn", f"{timm}.downsample.1")
+            for k in (1, 2, 3):
+                b.conv_bias_into_bn(f"{keras}_{k}_conv", f"{timm}.conv{k}", f"{keras}_{k}_bn", f"{timm}.bn{k}")
+    if include_top:
+        b.dense("predictions", "fc")
+    return b.finish()
 
 
-default_cfgs = generate_default_cfgs({
-    "keras_resnet50.keras_in1k": _cfg("ResNet50"),
-    "keras_resnet101.keras_in1k": _cfg("ResNet101"),
-    "keras_resnet152.keras_in1k": _cfg("ResNet152"),
-})
+_KERAS = dict(mode="caffe", mapping=to_timm, first_conv="conv1", classifier="fc")
 
 
 @register_model
+@keras_application("ResNet50", size=224, top1=74.9, **_KERAS,
+                   files=tf_kernels("resnet/resnet50", "2cb95161c43110f7111970584f804107",
+                                    "4d473c1dd8becc155b73f8504c6f6626"))
 def keras_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """Keras ``ResNet50``."""
     return _create("keras_resnet50", (3, 4, 6, 3), pretrained, **kwargs)
@@ -62,11 +80,11 @@ def keras_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
 
 @register_model
 def keras_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
-    """Keras ``ResNet101``."""
+    """Keras ``ResNet101`` (not in the zoo yet)."""
     return _create("keras_resnet101", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
 def keras_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
-    """Keras ``ResNet152``."""
+    """Keras ``ResNet152`` (not in the zoo yet)."""
     return _create("keras_resnet152", (3, 8, 36, 3), pretrained, **kwargs)

@@ -19,17 +19,29 @@ The head is where they differ:
   a fresh ``Linear(512, num_classes)`` on them (the usual Keras transfer-learning head).
   ``reset_classifier(num_classes)`` follows the same rule, so a reset model has exactly the
   structure (and state-dict keys) of one created with that ``num_classes``.
+
+Mapping (timm's VGG layout): ``blockB_convK`` -> ``features.i``, where ``i`` counts timm's ``Sequential``: each conv is followed by
+a ReLU (2 modules) and each block ends with a max pool (1 module). With the top, ``fc1`` (a Dense on
+Keras's channels-last Flatten of the 7x7x512 ``block5_pool``) becomes timm's 7x7 conv
+``pre_logits.fc1`` (reshaped in channels-last order: a naive NCHW reshape scrambles it), ``fc2`` the
+1x1 conv ``pre_logits.fc2`` and ``predictions`` the Linear ``head.fc``. The notop files have no
+fc1/fc2, and neither has the notop model.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, List, Optional, Union
 
 import torch.nn as nn
 from timm.layers import ClassifierHead, get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vgg import VGG, ConvMlp, cfgs
 
-from lightning_app.zoo.archs._cfg import keras_cfg
+from converters import layouts
+from converters.builder import StateDictBuilder
+from converters.errors import LayerMismatchError
+from converters.spec import KerasLayers
+from lightning_app.zoo.registry import keras_application, tf_kernels
 
 KERAS_TOP_CLASSES = 1000
 KERAS_HIDDEN = 4096  # fc1 / fc2 width
@@ -112,15 +124,41 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> KerasVGG:
     )
 
 
-default_cfgs = generate_default_cfgs({
-    "keras_vgg16.keras_in1k": keras_cfg("VGG16", classifier="head.fc", pool_size=(7, 7)),
-    # VGG19 has VGG16's input size and preprocessing; it is not in the zoo table (no parity entry yet).
-    "keras_vgg19.keras_in1k": keras_cfg("VGG16", classifier="head.fc", pool_size=(7, 7),
-                                        notes=("Keras VGG19, preprocessing mode 'caffe'",)),
-})
+def to_timm(layers: KerasLayers, include_top: bool) -> dict:
+    """Keras VGG16 / VGG19 layers -> timm ``KerasVGG`` state dict."""
+    b = StateDictBuilder(layers, "VGG")
+    convs = [(int(m.group(1)), n) for n in layers if (m := re.fullmatch(r"block(\d+)_conv\d+", n))]
+    index, block = 0, convs[0][0] if convs else 1
+    channels = None
+    for conv_block, name in convs:
+        if conv_block != block:
+            index += 1  # the previous block's max pool
+            block = conv_block
+        b.conv(name, f"features.{index}")
+        channels = layers[name]["kernel"].shape[-1]
+        index += 2  # conv + ReLU
+    if include_top:
+        fc1 = b.take("fc1")
+        size = int(round((fc1["kernel"].shape[0] / channels) ** 0.5))
+        if size * size * channels != fc1["kernel"].shape[0]:
+            raise LayerMismatchError(f"VGG: fc1 kernel {fc1['kernel'].shape} is not a flattened square map "
+                                     f"of {channels} channels")
+        b.raw("pre_logits.fc1.weight", layouts.flatten_dense_to_conv(fc1["kernel"], size, size, channels))
+        b.raw("pre_logits.fc1.bias", layouts.array(fc1["bias"]))
+        fc2 = b.take("fc2")
+        b.raw("pre_logits.fc2.weight", layouts.dense(fc2["kernel"])[:, :, None, None].contiguous())
+        b.raw("pre_logits.fc2.bias", layouts.array(fc2["bias"]))
+        b.dense("predictions", "head.fc")
+    return b.finish()
+
+
+_KERAS = dict(mode="caffe", mapping=to_timm, first_conv="features.0", classifier="head.fc",
+              cfg=dict(pool_size=(7, 7)))
 
 
 @register_model
+@keras_application("VGG16", size=224, top1=71.3, **_KERAS,
+                   files=tf_kernels("vgg16/vgg16", "64373286793e3c8b2b4e3219cbf3544b", "6d6bbae143d832006294945121d1f1fc"))
 def keras_vgg16(pretrained: bool = False, **kwargs: Any) -> KerasVGG:
     """Keras ``VGG16``."""
     return _create("keras_vgg16", pretrained, **kwargs)
@@ -128,5 +166,5 @@ def keras_vgg16(pretrained: bool = False, **kwargs: Any) -> KerasVGG:
 
 @register_model
 def keras_vgg19(pretrained: bool = False, **kwargs: Any) -> KerasVGG:
-    """Keras ``VGG19`` (same layout as VGG16; the ``vgg`` mapping handles both)."""
+    """Keras ``VGG19`` (same layout as VGG16; ``to_timm`` handles both). Not in the zoo yet."""
     return _create("keras_vgg19", pretrained, **kwargs)

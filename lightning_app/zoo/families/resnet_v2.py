@@ -20,17 +20,28 @@ Differences from timm's ``resnetv2_50/101/152`` and how they are handled:
 
 Stage outputs therefore sit at strides 8, 16, 32, 32 (Keras's ``conv{2..5}_block*_out``), and
 ``feature_info`` says so. Only ``output_stride=32`` is supported.
+
+Mapping (``KerasResNetV2`` layout): Keras ``conv{s}_block{b}_*`` -> ``stages.{s-2}.blocks.{b-1}.*``: ``preact_bn`` -> ``norm1``,
+``1_conv`` -> ``conv1``, ``1_bn`` -> ``norm2``, ``2_conv`` -> ``conv2``, ``2_bn`` -> ``norm3``,
+``3_conv`` -> ``conv3`` (with bias), ``0_conv`` -> ``downsample.conv`` (with bias). The stem
+``conv1_conv`` (with bias) -> ``stem.conv``, ``post_bn`` -> ``norm``, and the ``predictions``
+Dense -> timm's 1x1 conv classifier ``head.fc``.
 """
+from __future__ import annotations
+
 from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, calculate_drop_path_rates, create_conv2d, get_act_layer, get_norm_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.resnetv2 import DownsampleConv, PreActBottleneck, ResNetStage, ResNetV2
 
-from lightning_app.zoo.archs._cfg import keras_cfg
+from converters import layouts
+from converters.builder import StateDictBuilder, block_count
+from converters.spec import KerasLayers
+from lightning_app.zoo.registry import keras_application, tf_kernels
 
 KERAS_BN_EPS = 1.001e-5
 KERAS_BN_MOMENTUM = 0.01  # PyTorch momentum = 1 - Keras momentum (0.99)
@@ -192,31 +203,48 @@ def _create(variant: str, layers, pretrained: bool = False, **kwargs) -> KerasRe
     )
 
 
-def _cfg(keras_name: str) -> dict:
-    # ResNet50V2/101V2 are not zoo rows (yet): same input size, preprocessing and first conv as ResNet152V2.
-    return keras_cfg("ResNet152V2", classifier="head.fc", notes=(f"Keras {keras_name}, preprocessing mode 'tf'",))
+def to_timm(layers: KerasLayers, include_top: bool) -> dict:
+    """Keras ResNetV2 layers -> timm ``KerasResNetV2`` state dict."""
+    b = StateDictBuilder(layers, "ResNetV2")
+    b.conv("conv1_conv", "stem.conv")
+    for stage in (2, 3, 4, 5):
+        for i in range(1, block_count(layers, stage) + 1):
+            keras, timm = f"conv{stage}_block{i}", f"stages.{stage - 2}.blocks.{i - 1}"
+            b.bn(f"{keras}_preact_bn", f"{timm}.norm1")
+            if f"{keras}_0_conv" in layers:
+                b.conv(f"{keras}_0_conv", f"{timm}.downsample.conv")
+            b.conv(f"{keras}_1_conv", f"{timm}.conv1")
+            b.bn(f"{keras}_1_bn", f"{timm}.norm2")
+            b.conv(f"{keras}_2_conv", f"{timm}.conv2")
+            b.bn(f"{keras}_2_bn", f"{timm}.norm3")
+            b.conv(f"{keras}_3_conv", f"{timm}.conv3")
+    b.bn("post_bn", "norm")
+    if include_top:
+        w = b.take("predictions")
+        b.raw("head.fc.weight", layouts.dense(w["kernel"])[:, :, None, None].contiguous())
+        b.raw("head.fc.bias", layouts.array(w["bias"]))
+    return b.finish()
 
 
-default_cfgs = generate_default_cfgs({
-    "keras_resnet50v2.keras_in1k": _cfg("ResNet50V2"),
-    "keras_resnet101v2.keras_in1k": _cfg("ResNet101V2"),
-    "keras_resnet152v2.keras_in1k": _cfg("ResNet152V2"),
-})
+_KERAS = dict(mode="tf", mapping=to_timm, first_conv="stem.conv", classifier="head.fc")
 
 
 @register_model
 def keras_resnet50v2(pretrained: bool = False, **kwargs) -> KerasResNetV2:
-    """Keras ``ResNet50V2``."""
+    """Keras ``ResNet50V2`` (not in the zoo yet)."""
     return _create("keras_resnet50v2", (3, 4, 6, 3), pretrained, **kwargs)
 
 
 @register_model
 def keras_resnet101v2(pretrained: bool = False, **kwargs) -> KerasResNetV2:
-    """Keras ``ResNet101V2``."""
+    """Keras ``ResNet101V2`` (not in the zoo yet)."""
     return _create("keras_resnet101v2", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
+@keras_application("ResNet152V2", size=224, top1=78.0, **_KERAS, parity_float64=True,
+                   files=tf_kernels("resnet/resnet152v2", "a49b44d1979771252814e80f8ec446f9",
+                                    "ed17cf2e0169df9d443503ef94b23b33"))
 def keras_resnet152v2(pretrained: bool = False, **kwargs) -> KerasResNetV2:
     """Keras ``ResNet152V2``."""
     return _create("keras_resnet152v2", (3, 8, 36, 3), pretrained, **kwargs)

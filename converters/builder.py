@@ -1,4 +1,4 @@
-"""Building blocks for mappings: put Keras layers into a timm state dict."""
+"""Building blocks for Keras -> timm mappings: put Keras layers into a timm state dict."""
 from __future__ import annotations
 
 import re
@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from converters import layouts
-from converters.align import KerasLayers
 from converters.errors import LayerMismatchError
+from converters.spec import KerasLayers
 
 
 class StateDictBuilder:
@@ -41,7 +41,7 @@ class StateDictBuilder:
         w = self.take(keras_name)
         tensors = {"weight": layouts.conv(w["kernel"])}
         if "bias" in w:
-            tensors["bias"] = torch.from_numpy(np.ascontiguousarray(w["bias"]))
+            tensors["bias"] = layouts.array(w["bias"])
         self._put(prefix, tensors)
         return w.get("bias")
 
@@ -57,7 +57,7 @@ class StateDictBuilder:
     def dense(self, keras_name: str, prefix: str) -> None:
         w = self.take(keras_name)
         self._put(prefix, {"weight": layouts.dense(w["kernel"]),
-                           "bias": torch.from_numpy(np.ascontiguousarray(w["bias"]))})
+                           "bias": layouts.array(w["bias"])})
 
     def separable(self, keras_name: str, depthwise_prefix: str, pointwise_prefix: str) -> None:
         """SeparableConv2D -> depthwise conv + pointwise conv (bias, if any, on the pointwise)."""
@@ -65,7 +65,7 @@ class StateDictBuilder:
         self._put(depthwise_prefix, {"weight": layouts.depthwise(w["depthwise_kernel"])})
         pointwise = {"weight": layouts.pointwise(w["pointwise_kernel"])}
         if "bias" in w:
-            pointwise["bias"] = torch.from_numpy(np.ascontiguousarray(w["bias"]))
+            pointwise["bias"] = layouts.array(w["bias"])
         self._put(pointwise_prefix, pointwise)
 
     def raw(self, key: str, value: torch.Tensor) -> None:
@@ -90,3 +90,18 @@ def auto_named(layers: KerasLayers, base: str) -> List[str]:
 def block_count(layers: KerasLayers, stage: int) -> int:
     """Number of ``conv{stage}_block{i}`` blocks (Keras ResNet / DenseNet naming)."""
     return max(int(m.group(1)) for n in layers if (m := re.match(rf"conv{stage}_block(\d+)_1_conv$", n)))
+
+
+def pair_auto_named(b: StateDictBuilder, prefixes: List[str], conv: str = "conv", bn: str = "bn") -> None:
+    """The i-th auto-named Keras ``conv2d`` / ``batch_normalization`` -> ``prefixes[i].conv`` / ``.bn``.
+
+    For networks whose convs Keras leaves unnamed (InceptionV3, InceptionResNetV2): Keras creates
+    them in the order timm registers its ``ConvNormAct`` modules.
+    """
+    convs, bns = auto_named(b.layers, "conv2d"), auto_named(b.layers, "batch_normalization")
+    if not len(convs) == len(bns) == len(prefixes):
+        raise LayerMismatchError(f"{b.model_name}: {len(convs)} unnamed Keras convs and {len(bns)} BatchNorms, "
+                                 f"timm has {len(prefixes)} conv blocks")
+    for conv_name, bn_name, prefix in zip(convs, bns, prefixes):
+        b.conv(conv_name, f"{prefix}.{conv}")
+        b.bn(bn_name, f"{prefix}.{bn}")
