@@ -121,9 +121,7 @@ class LoopTimer(pl.Callback):
     def on_validation_end(self, trainer, pl_module):
         sync()
         if self._val_start is not None and self.epochs and "end" not in self.epochs[-1]:
-            t = now()
-            self.epochs[-1]["val_s"] += t - self._val_start
-            self.epochs[-1]["val_end"] = t
+            self.epochs[-1]["val_s"] += now() - self._val_start
         self._val_start = None
 
     # -- batches
@@ -164,10 +162,11 @@ class LoopTimer(pl.Callback):
         """Seconds of each finished training epoch, validation excluded."""
         return [e["end"] - e["start"] - e["val_s"] for e in self.epochs if "end" in e]
 
-    def epoch_tail_seconds(self) -> List[float]:
-        """Seconds from the end of each epoch's validation to the end of the epoch (the callbacks that run after
-        validation, checkpointing above all); 0 for epochs without validation."""
-        return [e["end"] - e["val_end"] if "val_end" in e else 0.0 for e in self.epochs if "end" in e]
+    def between_epochs_seconds(self) -> List[float]:
+        """Seconds from the end of each epoch (``on_train_epoch_end`` of this callback, which runs first) to the
+        start of the next: the other callbacks' epoch-end work (checkpointing, reports) and the loop's own."""
+        done = [e for e in self.epochs if "end" in e]
+        return [b["start"] - a["end"] for a, b in zip(done, done[1:])]
 
     def loader_windows(self, stage: str, run: int = 0) -> List[Dict[str, float]]:
         """Per dataloader of one loop run, for ``sync_batches="edges"``: ``wall_s`` from the synchronised start
