@@ -151,6 +151,15 @@ def keras_policy(arg: str, device: str) -> str:
     return "mixed_bfloat16" if device == "cuda" else "float32"
 
 
+def check_precision(results: "Results", what: str, ours_precision: Any, policy: str) -> None:
+    """A note when ours and Keras did not compute in the same precision class (bf16 vs float32)."""
+    if ours_precision is None:
+        return
+    if ("bf16" in str(ours_precision)) != (policy == "mixed_bfloat16"):
+        results.note(f"{what}: ours ran {ours_precision}, Keras {policy}: not the same precision "
+                     "(set --keras-policy to match)")
+
+
 def host_info() -> Dict[str, Any]:
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "platform": platform.platform(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -406,7 +415,7 @@ def config_value(config: Path, *keys: str, default: Any = None) -> Any:
 
 __all__ = [
     "KERAS_JAX", "KERAS_RUNNERS", "KERAS_TF", "OURS", "ROOT", "Results", "add_common_args", "class_names",
-    "config_value", "exit_on_sigterm",
+    "check_precision", "config_value", "exit_on_sigterm",
     "cuda_available", "keras_backends", "keras_env", "keras_policy", "photo_crops", "read_cifar10_train",
     "read_image_folder", "rel_diff", "run_worker", "tiled", "use_checkout", "worker_main", "workdir",
     "write_cifar10", "write_image_folder",

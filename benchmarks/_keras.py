@@ -1,4 +1,4 @@
-"""The Keras 3 side of every benchmark, run as a worker: ``KERAS_BACKEND=jax|tensorflow python _keras.py --worker SPEC``.
+"""The Keras 3 side of every benchmark, as a worker: ``KERAS_BACKEND=jax|tensorflow python _keras.py --worker SPEC``.
 
 Each job does what the seed Keras notebooks do, with Keras at its own best setting: the JAX backend always
 jit-compiles (XLA); TensorFlow uses ``jit_compile`` as Keras itself chooses it (``auto``: XLA where a GPU is

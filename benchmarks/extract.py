@@ -35,9 +35,9 @@ from typing import Any, Dict
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, config_value, cuda_available,
-                      exit_on_sigterm, keras_backends, keras_env, keras_policy, photo_crops, rel_diff,
-                      run_worker, tiled, workdir, write_cifar10)  # noqa: E402
+from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, config_value,
+                      cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy, photo_crops,
+                      rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
@@ -163,6 +163,8 @@ def main() -> None:
                                  "(max rel.) on the same images and weights: check before trusting the timing")
                 r.pop("sample_features")
             res.add(dict(r, model=model, size=entry.input_size, runner=OURS))
+            if backends:
+                check_precision(res, model, r.get("precision"), policy)
     finally:
         ref = "keras-jax" if "jax" in backends else "keras-tensorflow"
         res.print_table(

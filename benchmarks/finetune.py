@@ -27,9 +27,9 @@ from typing import Any, Dict
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, class_names, config_value,
-                      cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy, photo_crops,
-                      run_worker, workdir, write_image_folder)  # noqa: E402
+from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, class_names,
+                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy,
+                      photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "food.yaml"
 
@@ -117,6 +117,8 @@ def main() -> None:
                                 config=str(args.config), run_dir=str(work / "runs")),
                            work / "logs", None, args.timeout)
             res.add(dict(r, model=model, size=size, runner=OURS))
+            if backends:
+                check_precision(res, model, r.get("precision"), policy)
     finally:
         res.print_table(f"Fine-tuning, all layers trainable, batch {batch}, {steps} steps/epoch, {device}",
                         keys=["model", "size"], metric="img_s", unit="img/s", higher_is_better=True,

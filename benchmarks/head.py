@@ -94,11 +94,9 @@ def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
         raise RuntimeError(f"the CLI used caches {used}, the benchmark wrote {written}")
     epochs = [e for e in timer.epochs if "end" in e]
     train_s = timer.epoch_train_seconds()
-    first_batch = next((b for b in timer.batches["train"]), None)
-    batch = first_batch[2] if first_batch else None
     return {"env": env_info(cli.trainer), "device": "cuda" if cli.trainer.accelerator.__class__.__name__.startswith(
                 "CUDA") else "cpu", "precision": str(cli.trainer.precision), "rows": len(cli.datamodule.sets["train"]),
-            "val_rows": len(cli.datamodule.sets["val"]), "batch_rows": batch,
+            "val_rows": len(cli.datamodule.sets["val"]),
             "features": {s: str(Path(p) / "features.npy") for s, p in used.items()},
             "labels": {s: str(Path(p) / "labels.npy") for s, p in used.items()},
             "epoch_s": train_s, "val_s": [e["val_s"] for e in epochs], "first_epoch_s": train_s[0],
@@ -111,7 +109,7 @@ def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=50_000, help="training rows (2048-d features); val is the config's split")
+    p.add_argument("--rows", type=int, default=50_000, help="training rows (2048-d); val: the config's split")
     p.add_argument("--epochs", type=int, default=3, help="epochs per runner (first = warm-up, the rest steady)")
     p.add_argument("--keras-steps-per-execution", type=int, default=1,
                    help="Keras compile(steps_per_execution=...) (1 = the seed notebook's default)")
@@ -125,7 +123,7 @@ def main() -> None:
     device = "cuda" if cuda_available() else "cpu"
     val_split = float(config_value(args.config, "data", "init_args", "val_split", default=0.1))
     n = images_for_train_rows(args.rows, val_split)
-    config = dict(vars(args), device=device, images=n, keras_policy="float32")
+    config = dict(vars(args), device=device, images=n)
     res = Results("head", args.json, config)
     backends = keras_backends(args.keras, res)
     work, tmp = workdir(args.workdir, "head")
@@ -148,22 +146,25 @@ def main() -> None:
         if "error" in ours:
             res.note("ours failed: no arrays for Keras either")
             return
-        if ours.get("batch_rows") not in (None, batch):
-            res.note(f"ours trained with {ours['batch_rows']} rows per Lightning step (config batch {batch})")
+        # Keras in the precision ours trained in (auto: mixed_bfloat16 where ours ran bf16, else float32)
+        policy = args.keras_policy if args.keras_policy != "auto" else \
+            "mixed_bfloat16" if "bf16" in str(ours.get("precision")) else "float32"
+        res.doc["config"]["keras_policy"] = policy
         for backend in backends:
             runner = KERAS_RUNNERS[backend]
             r = run_worker(ROOT / "benchmarks" / "_keras.py",
                            {"job": "head", "runner": runner, "train_x": ours["features"]["train"],
                             "train_y": ours["labels"]["train"], "val_x": ours["features"]["val"],
                             "val_y": ours["labels"]["val"], "classes": CLASSES, "hidden": hidden, "dropout": dropout,
-                            "lr": lr, "batch": batch, "epochs": args.epochs, "policy": "float32",
+                            "lr": lr, "batch": batch, "epochs": args.epochs, "policy": policy,
                             "tf_jit": args.tf_jit, "steps_per_execution": args.keras_steps_per_execution},
                            work / "logs", keras_env(backend), args.timeout)
-            res.add(dict(r, case=f"{args.rows}x2048", runner=runner))
+            res.add(dict(r, case=f"{args.rows}x2048", runner=runner, policy=policy))
     finally:
         res.print_table(f"Head training on cached features ({args.rows} x 2048, batch {batch}), s/epoch, {device}",
                         keys=["case"], metric="steady_epoch_s", unit="s/epoch", higher_is_better=False,
-                        extra=[("ours between epochs s", OURS, "between_epochs_s", ".2f"),
+                        extra=[("ours precision", OURS, "precision", "s"), ("Keras policy", "keras-jax", "policy", "s"),
+                               ("ours between epochs s", OURS, "between_epochs_s", ".2f"),
                                ("ours first epoch s", OURS, "first_epoch_s", ".2f"),
                                ("Keras-JAX first epoch s", "keras-jax", "first_epoch_s", ".2f"),
                                ("Keras-TF first epoch s", "keras-tensorflow", "first_epoch_s", ".2f"),

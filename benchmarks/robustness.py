@@ -18,8 +18,8 @@ and for FGSM one compiled function (input gradient of the summed cross-entropy, 
 forward pass) per batch; each function warmed up on one batch first.
 
 Usage: python benchmarks/robustness.py [--models InceptionV3] [--n-images 128] [--corruptions ...] [--json out.json]
-Defaults: 1,024 images on a GPU, 64 on the CPU (two batches per loader); severity 3 of gaussian_noise, defocus_blur, fog,
-jpeg_compression; FGSM 8/255.
+Defaults: 1,024 images on a GPU, 64 on the CPU (two batches per loader); severity 3 of gaussian_noise,
+defocus_blur, fog, jpeg_compression; FGSM 8/255.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from typing import Any, Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, class_names, config_value,
-                      cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy, photo_crops,
-                      run_worker, workdir, write_image_folder)  # noqa: E402
+from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, class_names,
+                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy,
+                      photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "robustness.yaml"
 DATA_CONFIG = ROOT / "configs" / "food.yaml"
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--severity", type=int, default=3)
     p.add_argument("--eps", default="8/255")
     p.add_argument("--config", type=Path, default=CONFIG)
-    p.add_argument("--data-config", type=Path, default=DATA_CONFIG, help="config whose data: block is the inner DataModule")
+    p.add_argument("--data-config", type=Path, default=DATA_CONFIG, help="its data: block is the inner DataModule")
     add_common_args(p)
     args = p.parse_args()
     exit_on_sigterm()
@@ -166,6 +166,8 @@ def main() -> None:
                      "policy": policy, "tf_jit": args.tf_jit},
                     work / "logs", keras_env(backend), args.timeout)
             _add_rows(res, model, size, OURS, ours)
+            if backends:
+                check_precision(res, model, ours.get("precision"), policy)
             for runner, r in keras_rows.items():
                 _add_rows(res, model, size, runner, r)
     finally:
