@@ -1,0 +1,143 @@
+"""Peak memory of feature extraction against the number of images: the cache must stream to disk.
+
+Each size runs in a fresh process: ``N`` random 8x8 RGB images (a memory-mapped file, like a dataset on disk)
+resized to 32 px, a backbone with wide pooled features (``tf_mobilenetv3_small_100``: 1,024 floats = 4 KiB per
+image), ``extract_features`` (the product's path: Lightning's predict loop, per-rank shard files, merge into the
+memory-mapped cache), then one pass over the cached features as the head-training loader serves them. Reported:
+
+* peak anonymous RSS (``RssAnon`` of ``/proc/self/status``, sampled every 10 ms): memory the process owns;
+  features held in memory would add ``N x 4 KiB`` here;
+* peak RSS (``VmHWM``): also counts pages of memory-mapped files (the dataset, the cache) that are resident;
+* ``--control``: the same extraction through ``trainer.predict`` with Lightning's default
+  ``return_predictions=True``, which keeps every batch's features: the measurement must see that growth.
+
+    python benchmarks/extract_memory.py [--sizes 2000 8000 32000] [--control]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONE = "tf_mobilenetv3_small_100"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakAnon:
+    """Samples ``RssAnon`` in a background thread; ``peak`` in MiB."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak_kib, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, _status_kib("RssAnon"))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakAnon":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, _status_kib("RssAnon"))
+
+    @property
+    def peak(self) -> float:
+        return self.peak_kib / 1024
+
+
+def worker(n: int, control: bool, batch_size: int, workdir: Path) -> Dict[str, float]:
+    import numpy as np
+    import pytorch_lightning as pl
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from lightning_app.data import ArrayDataModule
+    from lightning_app.data.features import FeatureExtractor, prepare_feature_datamodule
+    from lightning_app.module import TransferModule
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    images_path = workdir / f"images_{n}.npy"
+    rng = np.random.default_rng(0)
+    images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, 8, 8, 3))
+    for start in range(0, n, 65536):
+        images[start:start + 65536] = rng.integers(0, 256, size=(min(65536, n - start), 8, 8, 3), dtype=np.uint8)
+    images.flush()
+    del images
+    images = np.load(images_path, mmap_mode="r")
+    labels = np.arange(n) % 10
+    dm = ArrayDataModule(images, labels, [str(i) for i in range(10)], image_size=32, batch_size=batch_size,
+                         val_split=0.0, test_split=0.0, num_workers=0)
+    model = TransferModule(BACKBONE, 10, weights=None, stage="extract")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    base_anon = _status_kib("RssAnon") / 1024
+    start = time.perf_counter()
+    with PeakAnon() as peak:
+        if control:
+            dm.predict_split = "train"
+            out = trainer.predict(FeatureExtractor(model.feature_extractor()), datamodule=dm)
+            rows = sum(len(o) for o in out)
+        else:
+            fdm = prepare_feature_datamodule(trainer, model, dm, splits=("train",), cache_dir=workdir / "cache")
+            rows = 0
+            for batch in fdm.train_dataloader():  # serve every cached row once, as head training does
+                rows += len(batch[0])
+    return {"images": n, "rows": rows, "feature_dim": model.num_features, "seconds": time.perf_counter() - start,
+            "anon_before_mib": base_anon, "peak_anon_mib": peak.peak, "peak_rss_mib": _status_kib("VmHWM") / 1024,
+            "mode": "control: return_predictions=True" if control else "feature cache"}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--control", action="store_true", help="also run Lightning's default return_predictions=True")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-control", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker, args.worker_control, args.batch_size, Path(args.workdir))))
+        return
+    rows = []
+    for control in ([False, True] if args.control else [False]):
+        for n in args.sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, __file__, "--worker", str(n), "--workdir", tmp, "--batch-size", str(args.batch_size)]
+                if control:
+                    cmd.append("--worker-control")
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if out.returncode != 0:
+                    raise SystemExit(out.stdout[-2000:] + out.stderr[-4000:])
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n| mode | images | feature bytes | peak anon MiB (before) | peak RSS MiB | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        fbytes = r["rows"] * r["feature_dim"] * 4 / 2**20
+        print(f"| {r['mode']} | {r['images']:,} | {fbytes:.0f} MiB | {r['peak_anon_mib']:.0f} ({r['anon_before_mib']:.0f}) "
+              f"| {r['peak_rss_mib']:.0f} | {r['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
