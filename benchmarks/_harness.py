@@ -160,9 +160,18 @@ def check_precision(results: "Results", what: str, ours_precision: Any, policy: 
                      "(set --keras-policy to match)")
 
 
+def load_average() -> str:
+    """1-minute load average (a quiet machine has about 0; each busy core adds 1)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 def host_info() -> Dict[str, Any]:
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
+            "platform": platform.platform(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            "load_average_at_start": load_average()}
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -267,7 +276,9 @@ class Results:
                 cells.append(_cell(self.find(runner, **match), field, fmt))
             lines.append("| " + " | ".join(cells) + " |")
         speed = "higher is faster" if higher_is_better else "lower is faster"
-        lines.append(f"\n{metric} in {unit} ({speed}); 'ours vs X' is the speed-up of ours over X (> 1: ours faster).")
+        lines.append(f"\n{metric} in {unit} ({speed}); 'ours vs X' is the speed-up of ours over X (> 1: ours faster). "
+                     f"Load average {self.doc['host']['load_average_at_start']} at the start, {load_average()} at "
+                     f"the end ({self.doc['host']['cpus']} CPUs).")
         for n in self.doc["notes"]:
             lines.append(f"- {n}")
         text = "\n".join(lines)
