@@ -7,7 +7,9 @@ shapes apart, so after the shapes fit we also compare names:
 
 * legacy files name layers (``layer_names``) and weights (``weight_names``, e.g. ``conv2d_1/kernel:0``,
   or Keras 1's ``block1_conv1_W_1:0``). A layer Keras names itself (``block1_conv1``) must carry
-  exactly that name. An auto-named layer (``conv2d``, ``conv2d_7``: class name + counter) must be of
+  exactly that name, or the name an older Keras gave it, where the model says how Keras renamed its
+  layers since (``legacy_name``: MobileNetV3's ``expanded_conv/depthwise/BatchNorm`` is Keras 3's
+  ``expanded_conv_depthwise_bn``; MobileNetV2's Dense was ``Logits``, now ``predictions``). An auto-named layer (``conv2d``, ``conv2d_7``: class name + counter) must be of
   the same class, and the file's counters must run in the manifest's order: official files were
   saved by Keras 2, whose counters start at 1 (``conv2d_1`` for Keras 3's ``conv2d``), so the
   numbers may be shifted, but never permuted. Weight roles (``kernel``, ``gamma``, ...) must be the
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from converters.errors import LayerMismatchError
 from converters.h5 import KerasWeights, LayerWeights
@@ -91,15 +93,18 @@ def _normalise_role(role: str, layer_name: str, vocabulary: set) -> Optional[str
     return None
 
 
-def check_names(pairs: List[Pair], manifest: List[LayerSpec], where: str) -> None:
+def check_names(pairs: List[Pair], manifest: List[LayerSpec], where: str,
+                legacy_name: Optional[Callable[[str], str]] = None) -> None:
     """Refuse a legacy file whose layer or weight names disagree with the manifest (see module doc).
 
-    ``pairs`` are (file layer, manifest layer) in file order; ``where`` names file and model for errors.
+    ``pairs`` are (file layer, manifest layer) in file order; ``where`` names file and model for errors;
+    ``legacy_name`` maps a layer name of an older Keras's file to the Keras 3 name (default: the last
+    ``/`` component).
     """
     vocabulary = {role for spec in manifest for role in spec.roles}
     counters: Dict[str, List[Tuple[int, int, int]]] = defaultdict(list)  # class -> (manifest no., file no., #)
     for k, (layer, spec) in enumerate(pairs):
-        name = layer.name.split("/")[-1]
+        name = legacy_name(layer.name) if legacy_name else layer.name.split("/")[-1]
         expected = _auto_index(spec.name, spec.keras_class)
         if expected is None:
             if name != spec.name:
@@ -133,8 +138,11 @@ def check_names(pairs: List[Pair], manifest: List[LayerSpec], where: str) -> Non
                     "and loading it by order would put weights into the wrong layers.")
 
 
-def align(weights: KerasWeights, manifests: Dict[str, List[LayerSpec]], model_name: str) -> Tuple[KerasLayers, bool]:
+def align(weights: KerasWeights, manifests: Dict[str, List[LayerSpec]], model_name: str,
+          legacy_name: Optional[Callable[[str], str]] = None) -> Tuple[KerasLayers, bool]:
     """Match a file to the top or notop manifest; return ``(layers by Keras name, include_top)``.
+
+    ``legacy_name``: how Keras renamed the model's layers since the official files were saved (``check_names``).
 
     Raises:
         LayerMismatchError: naming the first layer whose weights differ, with both shapes, or the
@@ -149,7 +157,7 @@ def align(weights: KerasWeights, manifests: Dict[str, List[LayerSpec]], model_na
         if mismatch is None and complete:
             if weights.layout == "legacy":
                 variant = "with top" if kind == "top" else "without top (notop)"
-                check_names(pairs, manifests[kind], f"{weights.path} as Keras {model_name} {variant}")
+                check_names(pairs, manifests[kind], f"{weights.path} as Keras {model_name} {variant}", legacy_name)
             return {spec.name: dict(zip(spec.roles, layer.arrays)) for layer, spec in pairs}, kind == "top"
         candidates[kind] = (mismatch, pairs)
 

@@ -59,6 +59,24 @@ class StateDictBuilder:
         self._put(prefix, {"weight": layouts.dense(w["kernel"]),
                            "bias": layouts.array(w["bias"])})
 
+    def depthwise(self, keras_name: str, prefix: str) -> None:
+        """DepthwiseConv2D -> ``prefix.weight`` (a grouped conv, ``groups=C``) (+ ``prefix.bias``)."""
+        w = self.take(keras_name)
+        tensors = {"weight": layouts.depthwise(w["depthwise_kernel"])}
+        if "bias" in w:
+            tensors["bias"] = layouts.array(w["bias"])
+        self._put(prefix, tensors)
+
+    def conv_1x1_as_dense(self, keras_name: str, prefix: str) -> None:
+        """A 1x1 Conv2D classifier on a pooled 1x1 map (MobileNet's ``conv_preds``, MobileNetV3's
+        ``logits``) -> a Linear ``prefix.weight`` (out, in) and ``prefix.bias``."""
+        w = self.take(keras_name)
+        kernel = w["kernel"]
+        if kernel.shape[:2] != (1, 1):
+            raise LayerMismatchError(f"{self.model_name}: {keras_name!r} is a {kernel.shape[0]}x{kernel.shape[1]} "
+                                     "conv, not a 1x1 classifier")
+        self._put(prefix, {"weight": layouts.dense(kernel[0, 0]), "bias": layouts.array(w["bias"])})
+
     def separable(self, keras_name: str, depthwise_prefix: str, pointwise_prefix: str) -> None:
         """SeparableConv2D -> depthwise conv + pointwise conv (bias, if any, on the pointwise)."""
         w = self.take(keras_name)

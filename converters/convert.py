@@ -66,7 +66,8 @@ def convert(entry: KerasModelSpec, h5_path: os.PathLike | str, dtype: torch.dtyp
     of arithmetic a mapping may do (folding a conv bias into a BatchNorm mean) left unrounded.
     """
     weights = read_keras_weights(h5_path)
-    layers, include_top = align(weights, load_manifest(entry.manifest_path), entry.keras_name)
+    layers, include_top = align(weights, load_manifest(entry.manifest_path), entry.keras_name,
+                                getattr(entry, "legacy_layer_name", None))
     with layouts.precision({torch.float32: np.float32, torch.float64: np.float64}[dtype]):
         state_dict = entry.to_timm(layers, include_top)
     if entry.bgr:

@@ -33,5 +33,8 @@ class KerasModelSpec(Protocol):
     std: Tuple[float, float, float]
     bgr: bool
 
+    # Optional: ``legacy_layer_name(name) -> str``, the Keras 3 name of a layer as an older Keras named it in
+    # the official files (``converters.align.check_names``); absent or None: names are compared as they are.
+
     def to_timm(self, layers: KerasLayers, include_top: bool) -> StateDict:
         """Keras layers (manifest names) -> timm state dict."""

@@ -217,11 +217,11 @@ def _layer(name, roles, shapes):
     return LayerWeights(name, [np.zeros(s, np.float32) for s in shapes], list(roles))
 
 
-def _align(layers, specs):
+def _align(layers, specs, legacy_name=None):
     from converters.align import align
     from converters.h5 import KerasWeights
 
-    return align(KerasWeights("file.h5", "legacy", layers), {"top": specs, "notop": specs[:-1]}, "Demo")
+    return align(KerasWeights("file.h5", "legacy", layers), {"top": specs, "notop": specs[:-1]}, "Demo", legacy_name)
 
 
 _BN = ["gamma", "beta", "moving_mean", "moving_variance"]
@@ -268,3 +268,17 @@ def test_weights_stored_in_another_order_are_refused():
     roles = {"block_bn": ["moving_variance", "beta", "moving_mean", "gamma"]}
     with pytest.raises(LayerMismatchError, match="'block_bn' stores weights"):
         _align(_file(["conv2d", "conv2d_2", "conv2d_1", "block_bn", "predictions"], roles), _SPECS)
+
+
+def test_layers_renamed_by_keras_are_matched_through_the_models_legacy_names():
+    """Official files saved by an older Keras name some layers otherwise (MobileNetV3's ``expanded_conv/
+    depthwise/BatchNorm``, MobileNetV2's ``Logits``): the model's ``legacy_layer_name`` maps them to Keras 3's
+    names before the check, and a layer still out of place is refused."""
+    legacy = {"Block/BatchNorm": "block_bn", "Logits": "predictions"}.get
+    names = ["conv2d_1", "conv2d_3", "conv2d_2", "Block/BatchNorm", "Logits"]
+    with pytest.raises(LayerMismatchError, match="named 'BatchNorm' where Keras has 'block_bn'"):
+        _align(_file(names), _SPECS)
+    layers, include_top = _align(_file(names), _SPECS, lambda n: legacy(n, n))
+    assert include_top and list(layers) == [s.name for s in _SPECS]
+    with pytest.raises(LayerMismatchError, match="named 'Logits' where Keras has 'block_bn'"):
+        _align(_file(["conv2d_1", "conv2d_3", "conv2d_2", "Logits", "Block/BatchNorm"]), _SPECS, lambda n: n)

@@ -126,6 +126,8 @@ class ZooEntry:
     parity: bool = True  # in the parity tests (top and notop at the native size)
     parity_float64: bool = False  # also in the float64 parity test (very deep nets)
     family: str = ""  # the family module that registered it
+    #: Keras 3 name of a layer as an older Keras named it in the official files (the name check), or None
+    legacy_layer_name: Optional[Callable[[str], str]] = field(default=None, repr=False, compare=False)
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -216,6 +218,7 @@ def keras_application(
     parity: Optional[bool] = None,
     parity_float64: bool = False,
     cfg: Optional[Mapping[str, Any]] = None,
+    legacy_layer_name: Optional[Callable[[str], str]] = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated timm model function as the Keras model ``name`` (place it right under
     ``@register_model``).
@@ -235,6 +238,9 @@ def keras_application(
         parity: run the parity tests (default: for default models, not for variants).
         parity_float64: also run the float64 parity test (very deep nets).
         cfg: extra timm ``pretrained_cfg`` fields (e.g. ``pool_size``).
+        legacy_layer_name: ``name -> Keras 3 name`` for official files saved by an older Keras that named
+            layers otherwise (MobileNetV3's ``expanded_conv/depthwise/BatchNorm``); the converter's name check
+            compares the mapped names.
     """
     application = application or name
     keras_kwargs = dict(keras_kwargs or {})
@@ -252,6 +258,7 @@ def keras_application(
             mapping=mapping, first_conv=first_conv, top1=top1, keras_kwargs=keras_kwargs,
             builtin_preprocessing=builtin_preprocessing, manifest=name, variant_of=variant_of,
             parity=variant_of is None if parity is None else parity, parity_float64=parity_float64, family=family,
+            legacy_layer_name=legacy_layer_name,
         )
         _add(entry, by_arch=True)
         for variant in sizes:
@@ -260,6 +267,7 @@ def keras_application(
                 input_size=variant.size, mode=mode, files=variant.files, mapping=mapping, first_conv=first_conv,
                 top1=variant.top1, keras_kwargs=keras_kwargs, builtin_preprocessing=builtin_preprocessing,
                 manifest=name, variant_of=application, parity=variant.parity, family=family,
+                legacy_layer_name=legacy_layer_name,
             ), by_arch=False)
         module = sys.modules[fn.__module__]
         default_cfgs = module.__dict__.setdefault("default_cfgs", {})
