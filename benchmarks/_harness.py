@@ -115,7 +115,7 @@ def _json_default(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------- environment
 def cuda_available() -> bool:
-    """Whether torch sees a GPU (checked in a subprocess-free way: the driver may import torch)."""
+    """Whether torch sees a GPU (the driver imports torch, never TensorFlow)."""
     if importlib.util.find_spec("torch") is None:
         return False
     import torch

@@ -7,7 +7,8 @@ evaluated once per loader.
 Ours: the CLI's own ``test`` with the shipped robustness config; overridden: backbone + weights file (the
 Keras run's; the dense head is random, as in the Keras run), the inner DataModule (the ``data:`` block of
 ``configs/food.yaml`` pointed at the folder, as the config's comment tells users to do), ``corruptions``,
-``severities``, ``attacks``, ``table imagenet``. Every perturbation runs where the product runs it (in the
+``severities``, ``attacks``, ``table auto`` (the config's advice for 224+ px images: ImageNet-C's
+224 or 299 px table). Every perturbation runs where the product runs it (in the
 robustness DataModule's ``on_after_batch_transfer``, on the accelerator). Per test loader: ``img_s`` =
 its images / its wall time (data loading, perturbation or attack, forward pass, metrics), measured with a
 callback that synchronises the device around the first batch of each loader only; ``steady`` leaves that
@@ -54,7 +55,7 @@ def ours_robustness(spec: Dict[str, Any]) -> Dict[str, Any]:
             "--data.init_args.datamodule", json.dumps(spec["inner"]),
             "--data.init_args.corruptions", json.dumps(spec["corruptions"]),
             "--data.init_args.severities", json.dumps([spec["severity"]]),
-            "--data.init_args.attacks", json.dumps(attacks), "--data.init_args.table", "imagenet",
+            "--data.init_args.attacks", json.dumps(attacks), "--data.init_args.table", "auto",
             "--data.init_args.limit_per_loader", spec["n"]]
     cli, timer = run_cli(args, sync_batches="edges")
     rdm = cli.datamodule
@@ -187,7 +188,7 @@ def _add_rows(res: Results, model: str, size: int, runner: str, r: Dict[str, Any
     if "error" in r:
         res.add(dict(r, model=model, size=size, runner=runner, loader="-"))
         return
-    common = {k: v for k, v in r.items() if k not in ("loaders", "export")}
+    common = {k: v for k, v in r.items() if k not in ("loaders", "export", "labels")}
     for w in r["loaders"]:
         row = dict(common, **w, model=model, size=size, runner=runner)
         if runner != OURS:

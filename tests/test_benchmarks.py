@@ -98,3 +98,23 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path):
     assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
     assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
     assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])
+
+
+def test_robustness_benchmark_runs_the_cli_test_loop_and_exports_what_it_perturbed(tmp_path):
+    robustness = _load("robustness")
+    names = _harness.class_names(8)
+    pool = _harness.photo_crops(8 + len(names), 32, seed=0)
+    _harness.write_image_folder(tmp_path / "img" / "train", pool[:len(names)], np.arange(len(names)), names)
+    _harness.write_image_folder(tmp_path / "img" / "test", pool[len(names):], np.arange(8) % len(names), names)
+    inner = {"class_path": "lightning_app.data.ImageFolderDataModule",
+             "init_args": {"root": str(tmp_path / "img"), "image_size": 32, "batch_size": 4, "num_workers": 0,
+                           "val_split": 0.0, "test_split": 0.0}}
+    r = robustness.ours_robustness({"config": str(BENCH.parent / "configs" / "robustness.yaml"),
+                                    "model": "test_resnet", "h5": "null", "run_dir": str(tmp_path / "runs"),
+                                    "inner": inner, "corruptions": ["gaussian_noise"], "severity": 3,
+                                    "eps": "8/255", "n": 8, "export": str(tmp_path / "export")})
+    assert [w["loader"] for w in r["loaders"]] == ["clean", "gaussian_noise_s3", "fgsm"]
+    assert all(w["images"] == 8 and w["img_s"] > 0 and w["steady_img_s"] > 0 for w in r["loaders"])
+    exported = {key: np.load(path) for key, _, path in r["export"]}
+    assert exported["clean"].shape == (8, 32, 32, 3) and exported["clean"].dtype == np.uint8
+    assert np.abs(exported["gaussian_noise_s3"].astype(int) - exported["clean"]).mean() > 5  # really corrupted
