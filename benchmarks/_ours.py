@@ -1,8 +1,8 @@
 """Our side of the benchmarks: the CLI exactly as ``python -m lightning_app`` builds and runs it, plus a timer.
 
 :class:`TimedCLI` is :class:`lightning_app.cli.TransferCLI` with one extra callback (:class:`LoopTimer`, first in
-the Trainer's list, so its epoch-end hook runs before checkpointing) and an optional hook called at the start
-of ``before_fit``. Nothing else differs: configs, defaults, precision, data loading, feature cache and every
+the Trainer's list, so its epoch-end hook runs before checkpointing), an optional hook called at the start of
+``before_fit`` and optionally without named configured callbacks. Nothing else differs: configs, defaults, precision, data loading, feature cache and every
 optimisation the product ships are those of ``python -m lightning_app <subcommand> --config ...``.
 """
 from __future__ import annotations
@@ -216,13 +216,16 @@ class TimedCLI(TransferCLI):
     """``TransferCLI`` + :class:`LoopTimer` (see the module docstring)."""
 
     def __init__(self, args: Sequence[str], timer: LoopTimer,
-                 before_fit_hook: Optional[Callable[["TimedCLI"], None]] = None) -> None:
+                 before_fit_hook: Optional[Callable[["TimedCLI"], None]] = None,
+                 drop_callbacks: Sequence[str] = ()) -> None:
         self.timer = timer
         self._before_fit_hook = before_fit_hook
+        self._drop = tuple(drop_callbacks)
         super().__init__(args=[str(a) for a in args])
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks[:] = [cb for cb in trainer.callbacks if type(cb).__name__ not in self._drop]
         trainer.callbacks.insert(0, self.timer)
         return trainer
 
@@ -233,12 +236,14 @@ class TimedCLI(TransferCLI):
         super().before_fit()
 
 
-def run_cli(args: Sequence[str], sync_batches: bool = False,
-            before_fit_hook: Optional[Callable[[TimedCLI], None]] = None) -> Tuple[TimedCLI, LoopTimer]:
-    """Run ``python -m lightning_app <args>`` in this process with a :class:`LoopTimer`."""
+def run_cli(args: Sequence[str], sync_batches: Any = False,
+            before_fit_hook: Optional[Callable[[TimedCLI], None]] = None,
+            drop_callbacks: Sequence[str] = ()) -> Tuple[TimedCLI, LoopTimer]:
+    """Run ``python -m lightning_app <args>`` in this process with a :class:`LoopTimer` (and without the configured
+    callbacks whose class names are in ``drop_callbacks``)."""
     timer = LoopTimer(sync_batches=sync_batches)
     timer.mark("cli")
-    cli = TimedCLI(args, timer, before_fit_hook)
+    cli = TimedCLI(args, timer, before_fit_hook, drop_callbacks)
     timer.mark("done")
     return cli, timer
 

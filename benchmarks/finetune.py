@@ -5,10 +5,10 @@ Data: an offline image folder (``<class>/<i>.jpg``, 10 classes) of ``--steps`` x
 photographs bundled with scikit-image, at the model's native size.
 Ours: the CLI's own ``fit`` with the shipped food config (optimizer, head, precision and every other default as
 shipped); overridden: data root, image size, backbone, weights file (the Keras run's), ``augment false`` and no
-val / test split (Keras gets neither), ``trainer.callbacks []`` (no layer-wise unfreezing: every layer trains
-from the first step, as in the Keras run), ``max_epochs 2``, ``test_after_fit false``. Images/s of the second
-epoch (the first is warm-up: compilation, worker start), from a callback that synchronises at epoch
-boundaries only; ``host wait %``: the share of that epoch the training loop spent between steps (waiting for
+val / test split (Keras gets neither), the config's ``LayerwiseUnfreezing`` callback left out (every layer
+trains from the first step, as in the Keras run; the other callbacks stay), ``max_epochs 2``,
+``test_after_fit false``. Images/s of the second epoch (the first is warm-up: compilation, worker start),
+from a callback that synchronises at epoch boundaries only; ``host wait %``: the share of that epoch the training loop spent between steps (waiting for
 the DataLoader's JPEG decoding, moving the batch, device-side batch preparation).
 Keras: the same backbone (``keras.applications``, ``include_top=False, pooling="avg"``) + the config's dense
 head, ``preprocess_input`` in the model, Adam, ``fit`` for two epochs on the decoded uint8 images held in
@@ -43,9 +43,9 @@ def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
             "--data.init_args.root", spec["data"], "--data.init_args.image_size", spec["size"],
             "--data.init_args.batch_size", spec["batch"], "--data.init_args.augment", "false",
             "--data.init_args.val_split", 0, "--data.init_args.test_split", 0,
-            "--trainer.callbacks", "[]", "--trainer.max_epochs", spec["epochs"],
+            "--trainer.max_epochs", spec["epochs"],
             "--trainer.num_sanity_val_steps", 0, "--test_after_fit", "false"]
-    cli, timer = run_cli(args, sync_batches=False)
+    cli, timer = run_cli(args, sync_batches=False, drop_callbacks=("LayerwiseUnfreezing",))
     module = cli.model
     frozen = [n for n, p in module.backbone.named_parameters() if not p.requires_grad]
     if frozen:

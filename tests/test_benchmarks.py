@@ -118,3 +118,14 @@ def test_robustness_benchmark_runs_the_cli_test_loop_and_exports_what_it_perturb
     exported = {key: np.load(path) for key, _, path in r["export"]}
     assert exported["clean"].shape == (8, 32, 32, 3) and exported["clean"].dtype == np.uint8
     assert np.abs(exported["gaussian_noise_s3"].astype(int) - exported["clean"]).mean() > 5  # really corrupted
+
+
+def test_finetune_benchmark_trains_every_layer_through_the_cli(tmp_path):
+    finetune = _load("finetune")
+    names = _harness.class_names(16, per_class=4)
+    _harness.write_image_folder(tmp_path / "img", _harness.photo_crops(16, 32, seed=0), np.arange(16) % len(names),
+                                names)
+    r = finetune.ours_finetune({"config": str(BENCH.parent / "configs" / "food.yaml"), "model": "test_resnet",
+                                "h5": "null", "data": str(tmp_path / "img"), "size": 32, "batch": 4, "epochs": 2,
+                                "run_dir": str(tmp_path / "runs")})
+    assert r["images"] == 16 and r["batch"] == 4 and len(r["epoch_s"]) == 2 and r["img_s"] > 0
