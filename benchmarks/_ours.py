@@ -2,8 +2,9 @@
 
 :class:`TimedCLI` is :class:`lightning_app.cli.TransferCLI` with one extra callback (:class:`LoopTimer`, first in
 the Trainer's list, so its epoch-end hook runs before checkpointing), an optional hook called at the start of
-``before_fit`` and optionally without named configured callbacks. Nothing else differs: configs, defaults, precision, data loading, feature cache and every
-optimisation the product ships are those of ``python -m lightning_app <subcommand> --config ...``.
+``before_fit`` and optionally without named configured callbacks. Nothing else differs: configs, defaults,
+precision, data loading, feature cache and every optimisation the product ships are those of
+``python -m lightning_app <subcommand> --config ...``.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ shipped); overridden: data root, image size, backbone, weights file (the Keras r
 val / test split (Keras gets neither), the config's ``LayerwiseUnfreezing`` callback left out (every layer
 trains from the first step, as in the Keras run; the other callbacks stay), ``max_epochs 2``,
 ``test_after_fit false``. Images/s of the second epoch (the first is warm-up: compilation, worker start),
-from a callback that synchronises at epoch boundaries only; ``host wait %``: the share of that epoch the training loop spent between steps (waiting for
-the DataLoader's JPEG decoding, moving the batch, device-side batch preparation).
+from a callback that synchronises at epoch boundaries only; ``host wait %``: the share of that epoch the
+training loop spent between steps (waiting for the DataLoader's JPEG decoding, moving the batch, device-side
+batch preparation).
 Keras: the same backbone (``keras.applications``, ``include_top=False, pooling="avg"``) + the config's dense
 head, ``preprocess_input`` in the model, Adam, ``fit`` for two epochs on the decoded uint8 images held in
 memory (Keras decodes nothing during the timed epoch); images/s of the second epoch.
