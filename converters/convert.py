@@ -80,6 +80,7 @@ def convert(entry: KerasModelSpec, h5_path: os.PathLike | str, dtype: torch.dtyp
         "include_top": "true" if include_top else "false",
         "source_file": Path(h5_path).name,
         "source_sha256": file_digest(h5_path, "sha256"),
+        "source_md5": file_digest(h5_path, "md5"),  # what the zoo's registry lists for the official files
         "source_layout": weights.layout,
         "preprocessing_mode": entry.mode,
         "mean": json.dumps(entry.mean),

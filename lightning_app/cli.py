@@ -4,13 +4,19 @@ A :class:`~pytorch_lightning.cli.LightningCLI` over :class:`~lightning_app.modul
 and any LightningDataModule (``data.class_path``), with:
 
 * ``data.num_classes`` linked into ``model.num_classes`` (read right after the DataModule's ``__init__``);
-* always-on callbacks configurable from YAML: ``checkpoint`` (ModelCheckpoint on ``val_acc``, plus
-  ``last.ckpt``) and ``report`` (:class:`~lightning_app.reports.TrainingReport`);
+* always-on callbacks configurable from YAML: ``checkpoint`` (:class:`lightning_app.checkpoint.ModelCheckpoint` on
+  ``val_acc``, plus ``last.ckpt`` after every epoch and on SIGTERM / Ctrl+C, written atomically) and ``report``
+  (:class:`~lightning_app.reports.TrainingReport`);
+* with ``--ckpt_path``, the checkpoint file is read first (a truncated or foreign file is a CheckpointError) and the
+  data is checked against what it was trained on: a different class set is refused, a different image size is
+  resized to the trained one with a notice (:func:`lightning_app.checkpoint.match_data`);
 * ``features``: feature-cache settings used when ``model.stage == "extract"``: ``fit`` first extracts
   (or reuses) the train / val features with the same Trainer (so DDP shards the extraction), then trains
   the head on them; validate / test / predict run the full model on images;
 * ``test_after_fit``: run ``test`` on the image DataModule with the best checkpoint after ``fit``;
-* ``predict`` writes ``reports/predictions.csv``;
+* ``predict`` writes ``reports/predictions.csv`` (path, predicted class, probability, top-5, true label, error per
+  image); ``--prediction.inputs FOLDER_OR_FILE ...`` predicts image files (folders searched recursively, labelled or
+  not) prepared as the checkpoint says, instead of the data's ``predict_split``;
 * with ``--ckpt_path`` (a checkpoint file, not ``last`` / ``best`` / ...) the model is built with
   ``weights=None``: the checkpoint's state dict replaces every weight, so ``model.weights`` (``imagenet``,
   ``imagenet_if_cached`` or a file, also when it comes from the checkpoint's own hyperparameters) is not
@@ -22,17 +28,19 @@ and any LightningDataModule (``data.class_path``), with:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_app.checkpoint import ModelCheckpoint, data_spec, load_checkpoint, match_data, metadata
 from lightning_app.data.features import DEFAULT_CACHE_DIR, prepare_feature_datamodule
+from lightning_app.data.files import ImageFilesDataModule
 from lightning_app.entry import run
+from lightning_app.errors import ConfigError
 from lightning_app.module import TransferModule
 from lightning_app.reports import PredictionCSVWriter, TrainingReport, report_dir
 
@@ -56,6 +64,26 @@ class FeatureOptions:
     extract_batch_size: Optional[int] = None
     in_memory: Optional[bool] = None
     rebuild: bool = False
+
+
+@dataclass
+class PredictOptions:
+    """``predict`` settings.
+
+    Attributes:
+        inputs: an image file or folder, or a list (``'[photos/, extra.jpg]'``), to predict instead of the data's
+            ``predict_split``; images are prepared as the checkpoint says the model was trained (input size, resize
+            mode), a ``<folder>/<class name>/`` layout adds the true label. ``data`` may then be left out.
+        output: the predictions CSV (default ``<log dir>/reports/predictions.csv``).
+        top_k: classes listed per image in the ``top5`` column.
+        batch_size, num_workers: loader settings for ``inputs`` (default: the data's, else 32 and 2).
+    """
+
+    inputs: Union[str, List[str]] = field(default_factory=list)
+    output: Optional[str] = None
+    top_k: int = 5
+    batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
 
 
 DEFAULT_TRAINER: Dict[str, Any] = {
@@ -97,15 +125,32 @@ class TransferCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)  # what Lightning's True ends up as, without its warning
         kwargs.setdefault("trainer_defaults", DEFAULT_TRAINER)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # the module builds its own param groups
         self._image_datamodule: Optional[pl.LightningDataModule] = None
         super().__init__(TransferModule, pl.LightningDataModule, *args, **kwargs)
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Lightning's, with ``data`` optional: ``predict --prediction.inputs`` needs none (checked per subcommand)."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data,
+                                        required=False)
+
+    def _require_data(self) -> None:
+        if self.datamodule is None:
+            sub = self.config.get("subcommand")
+            raise ConfigError(f"{sub} needs a data section (data.class_path and data.init_args, usually from "
+                              f"--config configs/<name>.yaml)" + (" or --prediction.inputs FILES_OR_FOLDERS"
+                                                                   if sub == "predict" else ""))
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_class_arguments(FeatureOptions, "features")
+        parser.add_class_arguments(PredictOptions, "prediction")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after fit, test the best checkpoint on the image test split")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -117,6 +162,23 @@ class TransferCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(TrainingReport, "report")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the checkpoint's hyper-parameters into the config here. Read the file first, so that a
+        missing, truncated or foreign file is a CheckpointError naming it (not a bare EOFError), and keep its
+        inference metadata (classes, input size) to check the data against."""
+        self._ckpt_meta: Dict[str, Any] = {}
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if checkpoint_supplies_weights(path) and "://" not in str(path):
+            self._ckpt_meta = metadata(load_checkpoint(path, mmap=True))
+        super()._parse_ckpt_path()
+
+    def _match_checkpoint(self, labelled: bool = True) -> None:
+        if getattr(self, "_ckpt_meta", None):
+            sub = self.config.get("subcommand")
+            match_data(self._ckpt_meta, self.datamodule, labelled=labelled,
+                       source=f"the checkpoint {self.config[sub].get('ckpt_path')}")
 
     def instantiate_classes(self) -> None:
         """Builds the model with ``weights=None`` when a checkpoint file supplies the weights (module docstring)."""
@@ -149,9 +211,20 @@ class TransferCLI(LightningCLI):
 
     # ------------------------------------------------------------------ subcommand hooks
     def before_fit(self) -> None:
+        self._require_data()
+        self._match_checkpoint()
         self._image_datamodule = self.datamodule
         if getattr(self.model, "stage", None) != "extract":
             return
+        size = data_spec(self.datamodule).get("input_size")
+        if size:
+            self.model.check_input_size(size)  # before the extraction pass, not after it
+        if getattr(self.datamodule, "augmentation", None) is not None:
+            rank_zero_warn(
+                "data augmentation is not applied in stage 'extract': the features are computed once from the "
+                "un-augmented images and the head trains on those (Keras's feature-extraction recipe). To train on "
+                "augmented images, use stage 'head' (backbone frozen, images through it every step) or "
+                "set data.init_args.augment to false to silence this")
         opts: FeatureOptions = self._get(self.config_init, "features")
         self.datamodule = prepare_feature_datamodule(
             self.trainer, self.model, self.datamodule, splits=("train", "val"), cache_dir=opts.cache_dir,
@@ -175,9 +248,54 @@ class TransferCLI(LightningCLI):
                 f"reports in {report_dir(self.trainer)}"
             )
 
+    def before_validate(self) -> None:
+        self._require_data()
+        self._match_checkpoint()
+
+    def before_test(self) -> None:
+        self._require_data()
+        self._match_checkpoint()
+
     def before_predict(self) -> None:
-        if not any(isinstance(cb, PredictionCSVWriter) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(PredictionCSVWriter())
+        opts: PredictOptions = self._get(self.config_init, "prediction")
+        if opts.inputs:
+            if isinstance(opts.inputs, str):
+                opts.inputs = [opts.inputs]
+            self.datamodule = self._files_datamodule(opts)
+        else:
+            self._require_data()
+            self._match_checkpoint(labelled=False)
+            if hasattr(self.datamodule, "predict_report_errors"):
+                self.datamodule.predict_report_errors = True  # a row with the error, never a neighbour's prediction
+        writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, PredictionCSVWriter)), None)
+        if writer is None:
+            self.trainer.callbacks.append(PredictionCSVWriter(opts.output, opts.top_k))
+        elif opts.output:
+            writer.path, writer.top_k = opts.output, opts.top_k
+
+    def _files_datamodule(self, opts: PredictOptions) -> ImageFilesDataModule:
+        """``prediction.inputs`` prepared as the checkpoint says the model was trained (else as ``data`` says)."""
+        meta = getattr(self, "_ckpt_meta", None) or {}
+        data = self.datamodule
+        size = meta.get("input_size") or getattr(data, "image_size", None)
+        if size is None:
+            from lightning_app.zoo import get_entry
+
+            try:
+                size = get_entry(self.model.backbone_name).input_size
+            except KeyError:
+                raise ConfigError("prediction.inputs: the input size is unknown (no checkpoint metadata, no data "
+                                  "section): pass --ckpt_path of a trained model or a data section") from None
+            rank_zero_info(f"prediction.inputs: no checkpoint metadata and no data section, so images are resized to "
+                           f"{self.model.backbone_name}'s native {size} px")
+        names = meta.get("class_names") or list(getattr(self.model, "class_names", None) or []) or \
+            list(getattr(data, "class_names", None) or [])
+        return ImageFilesDataModule(
+            opts.inputs, class_names=names, image_size=size if isinstance(size, int) else tuple(size),
+            resize=meta.get("resize", getattr(data, "resize", "squash")),
+            antialias=meta.get("antialias", getattr(data, "antialias", False)),
+            batch_size=opts.batch_size or getattr(data, "batch_size", 32),
+            num_workers=opts.num_workers if opts.num_workers is not None else getattr(data, "num_workers", 2))
 
 
 def main(args: Optional[list] = None) -> TransferCLI:

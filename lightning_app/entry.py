@@ -8,8 +8,8 @@
   code 2 and no traceback. A class that jsonargparse could not build from the configuration (a plain ``ValueError``
   from torch, say) is reported the same way, naming the class. Anything else keeps its traceback (a bug).
   ``--debug`` on the command line or ``LIGHTNING_APP_DEBUG=1`` shows the traceback in every case;
-* a run stopped by SIGTERM ends with one line and exit code 143 (Ctrl+C is handled by Lightning: exit code 1);
-  the checkpoint callback has saved ``last.ckpt`` by then.
+* a run stopped by SIGTERM or Ctrl+C (:class:`lightning_app.checkpoint.ModelCheckpoint` turns a first Ctrl+C into
+  Lightning's graceful SIGTERM stop) ends with one line saying where ``last.ckpt`` resumes, exit code 143 / 130.
 """
 from __future__ import annotations
 
@@ -109,12 +109,13 @@ def run(main: Callable[[Optional[List[str]]], T], argv: Optional[Sequence[str]] 
     try:
         return main(argv)
     except BaseException as exc:  # noqa: BLE001 - re-raised unless it is a user error or an interruption
+        if type(exc).__name__ == "SIGTERMException" and not debug_requested():
+            # Lightning's graceful stop (SIGTERM, or a first Ctrl+C: lightning_app.checkpoint), a SystemExit
+            note = getattr(exc, "lightning_app_note", "") or "stopped by SIGTERM"
+            print(note, file=sys.stderr)
+            raise SystemExit(130 if "Ctrl+C" in note else 143) from None
         if debug_requested() or isinstance(exc, SystemExit):
             raise
-        if type(exc).__name__ == "SIGTERMException":
-            print("stopped by SIGTERM (last.ckpt holds the state at the last completed batch or epoch)",
-                  file=sys.stderr)
-            raise SystemExit(143) from None
         err = user_error_in(exc)
         if err is None:
             raise

@@ -312,7 +312,14 @@ class LayerwiseUnfreezing(Callback):
             )
         self._module = pl_module
         self._ddp_reduced = None
-        self.apply(pl_module, unfrozen_at(self.schedule, 0, len(self._groups(pl_module))))
+        groups = len(self._groups(pl_module))
+        asked = sum(v for v in self.schedule.values() if v != "all")
+        if asked > groups and "all" not in self.schedule.values():
+            raise ConfigError(
+                f"the unfreezing schedule {self.schedule} unfreezes {asked} layer groups, but "
+                f"{getattr(pl_module, 'backbone_name', 'the backbone')} has {groups}: unfreeze at most {groups} "
+                f"in all, or use 'all' for every remaining group")
+        self.apply(pl_module, unfrozen_at(self.schedule, 0, groups))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         # Runs right after the strategy wrapped the model: what requires grad now is what DDP reduces.

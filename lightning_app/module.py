@@ -30,6 +30,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_app.checkpoint import (
+    METADATA_KEY,
+    RNG_KEY,
+    capture_rng_state,
+    data_spec,
+    inference_metadata,
+    restore_rng_state,
+    weights_provenance,
+)
+from lightning_app.checkpoint import metadata as checkpoint_metadata
 from lightning_app.data.feature_loader import FeatureChunk
 from lightning_app.errors import ConfigError
 from lightning_app.finetune import LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all, layer_groups
@@ -110,6 +120,12 @@ def resolve_weights(backbone: str, weights: Optional[str]) -> Optional[str]:
     return None
 
 
+def _native_size(backbone: nn.Module) -> Optional[int]:
+    """The backbone's native (pretrained) input size from its timm config, if it has one."""
+    size = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
+    return int(min(size[-2:])) if size else None
+
+
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     """top-1 / top-5 accuracy and macro F1 as one collection, with ``compute_groups=False``.
 
@@ -183,6 +199,9 @@ class TransferModule(pl.LightningModule):
         if steps_per_execution is not None and (steps_per_execution < 1 or (steps_per_execution > 1 and stage != "extract")):
             raise ConfigError(f"steps_per_execution must be None or 1, or >= 1 with stage='extract'; "
                               f"got {steps_per_execution}")
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"model.lr must be > 0, got {lr}: a learning rate <= 0 does not train (a negative one "
+                              f"climbs the loss); typical values are 1e-4 .. 1e-2")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -207,6 +226,10 @@ class TransferModule(pl.LightningModule):
         self.normalize = Normalize(mean, std)
         self.weights_used = resolve_weights(backbone, weights)
         self.backbone = create_backbone(backbone, weights=self.weights_used, num_classes=0, **(backbone_kwargs or {}))
+        self.weights_provenance: Dict[str, Any] = weights_provenance(backbone, self.weights_used)
+        #: what the model was trained on: class names, input size, resize mode (checkpoint metadata; see setup)
+        self.data_spec: Dict[str, Any] = {}
+        self._pending_rng: Optional[Dict[str, Any]] = None
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -384,7 +407,9 @@ class TransferModule(pl.LightningModule):
         probs = self(x).softmax(dim=1)
         out = {"probs": probs, "preds": probs.argmax(dim=1)}
         if isinstance(batch, (list, tuple)) and len(batch) > 2:
-            out["index"] = batch[2]
+            out["target"], out["index"] = batch[1], batch[2]
+        if isinstance(batch, (list, tuple)) and len(batch) > 3:
+            out["ok"] = batch[3]  # False: an unreadable file (a blank image), reported as such by the CSV writer
         return out
 
     # ------------------------------------------------------------------ hooks
@@ -411,6 +436,80 @@ class TransferModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._logged["test"] = set()
+
+    # ------------------------------------------------------------------ checkpoint (lightning_app.checkpoint)
+    @property
+    def class_names(self) -> List[str]:
+        """Names of the model's outputs, in order (from the training data; ``[]`` when unknown)."""
+        return list(self.data_spec.get("class_names") or [])
+
+    def setup(self, stage: str) -> None:
+        # fit: the data trained on; other stages keep what a checkpoint said (restored after setup) and otherwise
+        # describe the data they are given
+        spec = data_spec(getattr(self.trainer, "datamodule", None))
+        if stage == "fit" or not self.data_spec:
+            if spec.get("class_names") and len(spec["class_names"]) != self.num_classes:
+                spec.pop("class_names")
+            self.data_spec = spec
+        if spec.get("input_size"):
+            self.check_input_size(spec["input_size"])
+
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Raise :class:`ConfigError` with the backbone's minimum when it cannot take ``(height, width)`` images
+        (InceptionV3 at 32 px: a kernel larger than its input deep inside). Sizes at or above the native one pass
+        at once; smaller ones are tried on the ``meta`` device (shapes only, no memory, no compute)."""
+        h, w = int(size[0]), int(size[1])
+        native = _native_size(self.backbone)
+        if native and min(h, w) >= native:
+            return
+        from lightning_app.zoo import create_backbone
+
+        with torch.device("meta"):
+            probe = create_backbone(self.backbone_name, weights=None, num_classes=0,
+                                    **(self.hparams.get("backbone_kwargs") or {})).eval()
+
+        def fits(hh: int, ww: int) -> bool:
+            try:
+                with torch.no_grad():
+                    probe(torch.empty(1, 3, hh, ww, device="meta"))
+                return True
+            except (RuntimeError, ValueError):
+                return False
+
+        if fits(h, w):
+            return
+        lo, hi = min(h, w), max(native or 0, 2 * max(h, w), 32)
+        while not fits(hi, hi) and hi < 4096:
+            hi *= 2
+        while hi - lo > 1:  # smallest square size that fits, in (lo, hi]
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid, mid) else (mid, hi)
+        raise ConfigError(
+            f"{self.backbone_name} needs input images of at least {hi}x{hi} pixels (Keras's minimum too, where it "
+            f"has one), got {h}x{w}: set data.init_args.image_size to {hi} or more"
+            + (f" (its native size is {native})" if native else ""))
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[METADATA_KEY] = inference_metadata(self, self.data_spec)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            checkpoint[RNG_KEY] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        meta = checkpoint_metadata(checkpoint)
+        if meta:
+            self.data_spec = {k: meta[k] for k in ("class_names", "input_size", "resize", "antialias", "datamodule")
+                              if k in meta}
+            weights = dict(meta.get("weights") or {})
+            weights.pop("configured", None)
+            if weights:
+                self.weights_provenance = weights
+        self._pending_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        # RNG as it was when the checkpoint was saved: dropout and augmentation draw what an uninterrupted run drew
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     def on_fit_start(self) -> None:
         if any(bn_is_frozen(m) for m in self.modules()):
@@ -439,10 +538,16 @@ class TransferModule(pl.LightningModule):
         return groups
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.param_groups())
+        try:
+            optimizer = self.optimizer_factory(self.param_groups())
+        except ValueError as err:  # torch's own argument checks, e.g. "Invalid learning rate: -0.5"
+            raise ConfigError(f"could not build the optimizer from model.optimizer: {err}") from err
         base_lr = self.lr if self.lr is not None else optimizer.defaults.get("lr")
         if base_lr is None:
             raise ConfigError("set model.lr or the optimizer's lr")
+        if not float(base_lr) > 0:
+            raise ConfigError(f"the learning rate must be > 0, got {base_lr} (model.lr or the optimizer's lr): a "
+                              f"learning rate <= 0 does not train (a negative one climbs the loss)")
         for group, scale in zip(optimizer.param_groups, self.lr_scales()):
             group["lr"] = float(base_lr) * scale
         if self.scheduler_factory is None:

@@ -34,8 +34,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_app.atomic import atomic_write, save_figure
+from lightning_app.checkpoint import display_name
 
 # ----------------------------------------------------------------------------- io helpers
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -168,9 +170,13 @@ def plot_prediction_grid(images: torch.Tensor, preds: Sequence[int], target: Seq
 
 # ----------------------------------------------------------------------------- callback
 def _class_names(trainer: "pl.Trainer", num_classes: int) -> List[str]:
-    dm = getattr(trainer, "datamodule", None)
-    names = list(getattr(dm, "class_names", []) or [])
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+    """The model's class names (what it was trained on, from its checkpoint), else the data's, else indices."""
+    for names in (getattr(getattr(trainer, "lightning_module", None), "class_names", None),
+                  getattr(getattr(trainer, "datamodule", None), "class_names", None)):
+        names = [display_name(str(n)) for n in (names or [])]
+        if len(names) == num_classes:
+            return names
+    return [str(i) for i in range(num_classes)]
 
 
 def report_dir(trainer: "pl.Trainer", dirname: str = "reports") -> Path:
@@ -336,13 +342,22 @@ class TrainingReport(Callback):
 
 
 class PredictionCSVWriter(BasePredictionWriter):
-    """``predictions.csv`` (index, predicted class, its name, probability) for ``predict`` runs; rank 0 merges
-    all ranks and sorts by dataset index."""
+    """``predictions.csv`` for ``predict`` runs: one row per sample, in dataset order (rank 0 merges all ranks).
 
-    def __init__(self, path: Optional[str] = None) -> None:
+    Columns: ``path`` (the image file; ``name[i]`` for in-memory data), ``pred`` (class name), ``prob`` (its
+    probability), ``top5`` (``name:prob`` pairs, best first, ``;``-separated; fewer with fewer classes), ``label``
+    (the true class when the data is labelled, else empty) and ``error`` (why an unreadable file has no
+    prediction: such a file gets its own row with the error, never another file's prediction).
+    """
+
+    HEADER = ("path", "pred", "prob", "top5", "label", "error")
+
+    def __init__(self, path: Optional[str] = None, top_k: int = 5) -> None:
         super().__init__(write_interval="batch")
         self.path = path
-        self._rows: List[Tuple[int, int, float]] = []
+        self.top_k = top_k
+        self._rows: List[Tuple[int, List[int], List[float], int, bool]] = []
+        self.written: Optional[Path] = None
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         self._rows = []
@@ -353,12 +368,12 @@ class PredictionCSVWriter(BasePredictionWriter):
         if not isinstance(prediction, dict) or "probs" not in prediction:
             return
         probs = prediction["probs"].detach().float().cpu()
-        conf, pred = probs.max(dim=1)
-        if "index" in prediction:
-            index = prediction["index"].cpu().tolist()
-        else:
-            index = list(batch_indices or range(len(pred)))
-        self._rows += list(zip(index, pred.tolist(), conf.tolist()))
+        conf, pred = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+        n = len(probs)
+        index = prediction["index"].cpu().tolist() if "index" in prediction else list(batch_indices or range(n))
+        target = prediction["target"].cpu().tolist() if "target" in prediction else [-1] * n
+        ok = prediction["ok"].cpu().tolist() if "ok" in prediction else [True] * n
+        self._rows += list(zip(index, pred.tolist(), conf.tolist(), target, ok))
 
     def on_predict_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         rows = self._rows
@@ -371,11 +386,35 @@ class PredictionCSVWriter(BasePredictionWriter):
             rows = [r for g in gathered for r in g]
         if not trainer.is_global_zero:
             return
-        rows = sorted(dict((r[0], r) for r in rows).values())
-        names = _class_names(trainer, int(getattr(pl_module, "num_classes", 0) or 0) or 1 + max((r[1] for r in rows), default=0))
+        rows = sorted(dict((r[0], r) for r in rows).values())  # by index; DDP padding repeats dropped
+        num_classes = int(getattr(pl_module, "num_classes", 0) or 0) or 1 + max((r[1][0] for r in rows), default=0)
+        names = _class_names(trainer, num_classes)
+        loaders = trainer.predict_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        dataset = getattr(loader, "dataset", None)
+        describe = getattr(dataset, "describe", None)
+        out = []
+        for index, top, conf, target, ok in rows:
+            where = display_name(describe(index)) if describe else str(index)
+            label = names[target] if 0 <= target < len(names) else ""
+            if not ok:
+                out.append((where, "", "", "", label, _unreadable_reason(describe(index) if describe else None)))
+                continue
+            top5 = ";".join(f"{names[c]}:{p:.4f}" for c, p in zip(top, conf))
+            out.append((where, names[top[0]], f"{conf[0]:.6f}", top5, label, ""))
         path = Path(self.path) if self.path else default_path
-        atomic_write(path, _csv_text(["index", "pred", "pred_name", "prob"],
-                                     [(i, p, names[p] if p < len(names) else p, f"{c:.6f}") for i, p, c in rows]))
+        self.written = atomic_write(path, _csv_text(self.HEADER, out))
+        failed = sum(1 for r in out if r[5])
+        rank_zero_info(f"predictions for {len(out)} images in {self.written}"
+                       + (f" ({failed} unreadable: see the error column)" if failed else ""))
+
+
+def _unreadable_reason(path: Optional[str]) -> str:
+    from lightning_app.data.images import check_image
+
+    if path is None:
+        return "unreadable image"
+    return check_image(path, "full") or "unreadable image"
 
 
 __all__ = [

@@ -124,7 +124,10 @@ def test_quickstart_reaches_stated_accuracy_and_writes_reports(tmp_path):
     pred_csv = Path(pred_cli.trainer.log_dir) / "reports" / "predictions.csv"
     with open(pred_csv) as f:
         rows = list(csv.reader(f))
-    assert len(rows) == 1 + 359 and rows[0][:2] == ["index", "pred"]
+    assert rows[0] == ["path", "pred", "prob", "top5", "label", "error"] and len(rows) == 1 + 359
+    digits = [str(d) for d in range(10)]
+    assert all(r[1] in digits and r[4] in digits and not r[5] for r in rows[1:])
+    assert sum(r[1] == r[4] for r in rows[1:]) / 359 >= QUICKSTART_MIN_TEST_ACC - 0.05  # the test accuracy again
 
 
 def _checkpoint_with_weights(tmp_path, backbone, weights, fit=False):

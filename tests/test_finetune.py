@@ -26,7 +26,7 @@ class OrderedDigits(ArrayDataModule):
     """Tiny in-memory set whose training order does not depend on RNG state (exact resume comparisons)."""
 
     def train_dataloader(self):
-        return self._loader(self.dataset("train"), shuffle=False)
+        return self._loader(self.dataset("train"))  # in order
 
 
 def tiny_data(n=48, classes=3, size=32, batch_size=8, cls=ArrayDataModule):

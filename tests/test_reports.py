@@ -154,9 +154,10 @@ def test_prediction_csv_writer(tmp_path):
                    enable_progress_bar=False, enable_model_summary=False)
     t.predict(model, datamodule=dm, return_predictions=False)
     rows = read_csv(path)
-    assert rows[0] == ["index", "pred", "pred_name", "prob"]
-    assert [int(r[0]) for r in rows[1:]] == list(range(12))
-    assert all(r[2] in "abc" and 0 < float(r[3]) <= 1 for r in rows[1:])
+    assert rows[0] == ["path", "pred", "prob", "top5", "label", "error"]
+    assert [r[0] for r in rows[1:]] == [f"array[{i}]" for i in dm.dataset("train").ids]  # dataset order
+    assert all(r[1] in "abc" and 0 < float(r[2]) <= 1 and len(r[3].split(";")) == 3 for r in rows[1:])
+    assert [r[4] for r in rows[1:]] == ["abc"[y] for y in dm.dataset("train").labels]
 
 
 def _two_loader_test(tmp_path, **report_kwargs):

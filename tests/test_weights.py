@@ -185,3 +185,49 @@ def test_no_published_hash_wrong_file_is_deleted(server, tmp_path):
     with pytest.raises(zoo_weights.WeightsUnavailableError, match="not DenseNet201's official file"):
         zoo_weights.resolve_imagenet(_entry_with_notop_hash(None), include_top=False)
     assert _cache_files(tmp_path) == []
+
+
+def test_cached_conversion_of_another_file_is_not_loaded_as_imagenet(server, notop_file, tmp_path):
+    """Issue 9, case 5: a converted file in the cache whose source is not the official file (a fine-tuned .h5
+    converted to the cache path, say) is refused for weights='imagenet', naming both files and the fix."""
+    from converters.convert import convert, save_converted
+    from lightning_app.errors import WeightsProvenanceError
+
+    data = notop_file.read_bytes()
+    entry = _entry_for(data)
+    other = tmp_path / "finetuned_notop.h5"
+    other.write_bytes(data + b"\0")  # not the official bytes (HDF5 ignores trailing bytes)
+    save_converted(convert(ENTRY, other), zoo_weights.converted_path(entry, False))
+    with pytest.raises(WeightsProvenanceError, match=r"converted from 'finetuned_notop.h5' .* not from the official"):
+        zoo_weights.resolve_imagenet(entry, include_top=False)
+    # the official file's conversion passes (its source md5 is the registry's)
+    save_converted(convert(ENTRY, notop_file), zoo_weights.converted_path(entry, False))
+    assert zoo_weights.resolve_imagenet(entry, include_top=False) == zoo_weights.converted_path(entry, False)
+
+
+def test_older_conversion_checked_by_sha256_against_the_cached_official_file(server, notop_file, tmp_path):
+    """A conversion made before the source md5 was recorded: its source sha256 must be the cached official file's."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from converters.convert import convert, save_converted
+    from lightning_app.errors import WeightsProvenanceError
+
+    data = notop_file.read_bytes()
+    entry = _entry_for(data)
+    out = zoo_weights.converted_path(entry, False)
+    save_converted(convert(ENTRY, notop_file), out)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.pop("source_md5")
+    meta["source_sha256"] = "0" * 64
+    save_file(load_file(str(out)), str(out), metadata=meta)
+    official = zoo_weights.keras_file_path(entry, False)
+    official.parent.mkdir(parents=True, exist_ok=True)
+    official.write_bytes(data)
+    with pytest.raises(WeightsProvenanceError, match="records source sha256 0000"):
+        zoo_weights.resolve_imagenet(entry, include_top=False)
+    assert json.dumps(meta)  # plain strings

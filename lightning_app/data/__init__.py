@@ -4,6 +4,7 @@ from lightning_app.data.base import BaseImageDataModule, BatchTransform
 from lightning_app.data.bundled import ArrayDataModule, DigitsDataModule
 from lightning_app.data.cifar import CIFAR10_CLASSES, Cifar10DataModule
 from lightning_app.data.datamodule import ImageFolderDataModule
+from lightning_app.data.files import ImageFilesDataModule
 from lightning_app.data.food import FOOD101_CLASSES, Food101DataModule
 from lightning_app.errors import DatasetLayoutError, DatasetNotFoundError
 
@@ -19,5 +20,6 @@ __all__ = [
     "DigitsDataModule",
     "FOOD101_CLASSES",
     "Food101DataModule",
+    "ImageFilesDataModule",
     "ImageFolderDataModule",
 ]

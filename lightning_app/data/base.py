@@ -4,6 +4,9 @@ Batch contract (every image DataModule here):
 
 * loaders yield ``(images uint8 [B, 3, H, W], labels int64 [B], indices int64 [B])``, images
   already resized in the CPU workers; ``indices`` are positions inside the split being served;
+* ``predict`` with ``predict_report_errors = True`` (the CLI's predict, :class:`~lightning_app.data.files.
+  ImageFilesDataModule`) adds a fourth element, ``ok`` bool ``[B]``: ``False`` for an unreadable file (a black
+  image), which is never replaced by another sample there;
 * after the transfer to the device, :meth:`BaseImageDataModule.on_after_batch_transfer` returns
   ``(images float32 [B, 3, H, W] in [0, 1], labels, indices)``: train-time augmentation
   (only while ``trainer.training``), then :meth:`transform_batch` (``batch_transforms``).
@@ -13,16 +16,18 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_app.data.augment import Augment, AugmentArg, build_augmentation, resolve_augment
 from lightning_app.data.resize import ImageSize, ResizeMode, as_hw
+from lightning_app.data.sampling import ResumableTrainOrder
 from lightning_app.data.sources import SplitDataset
 from lightning_app.errors import ConfigError, DatasetLayoutError
 
@@ -47,12 +52,23 @@ class ConcatSplits(Dataset):
     def labels(self) -> np.ndarray:
         return np.concatenate([p.labels for p in self.parts]) if self.parts else np.zeros(0, np.int64)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
+    def _part(self, index: int) -> Tuple[int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         k = bisect.bisect_right(self.offsets, index) - 1
-        image, label, _ = self.parts[k][index - self.offsets[k]]
-        return image, label, index
+        return k, index - self.offsets[k]
+
+    def __getitem__(self, index: int) -> Tuple:
+        k, i = self._part(index)
+        image, label, _, *rest = self.parts[k][i]
+        return (image, label, index, *rest)
+
+    def describe(self, index: int) -> str:
+        k, i = self._part(index)
+        return self.parts[k].describe(i)
+
+    def reporting(self) -> "ConcatSplits":
+        return ConcatSplits([p.reporting() for p in self.parts])
 
 
 _INV_255 = 1.0 / 255.0
@@ -68,7 +84,7 @@ def to_float01(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32)
 
 
-class BaseImageDataModule(pl.LightningDataModule):
+class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
     """Base for the image DataModules: subclasses set ``class_names`` in ``__init__`` and implement
     :meth:`_build_splits`.
 
@@ -126,6 +142,9 @@ class BaseImageDataModule(pl.LightningDataModule):
         self.drop_last = bool(drop_last)
         self.pin_memory: Optional[bool] = None if pin_memory is None else bool(pin_memory)
         self.batch_transforms: List[BatchTransform] = []
+        #: predict serves ``(images, labels, indices, ok)`` and never substitutes an unreadable image (set by
+        #: ``python -m lightning_app predict``; the default keeps the 3-tuple batch contract)
+        self.predict_report_errors = False
         self.class_names: List[str] = []
         self._augmentation: Optional[torch.nn.Module] = None
         self._augmentation_built = False
@@ -167,6 +186,33 @@ class BaseImageDataModule(pl.LightningDataModule):
         self._splits = splits
         sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
         rank_zero_info(f"{type(self).__name__}: {self.num_classes} classes; {sizes} images")
+        self._warn_classes_missing_from_splits()
+
+    def _warn_classes_missing_from_splits(self) -> None:
+        """A class too small for the val / test fractions (one image: it stays in training) gets no validation or
+        test image: say so, instead of metrics that silently never see it."""
+        assert self._splits is not None
+        if not any(len(self._splits[s]) for s in ("val", "test")):
+            return
+
+        def count(split: str) -> np.ndarray:
+            labels = np.asarray(self._splits[split].labels)
+            return np.bincount(labels[labels >= 0], minlength=self.num_classes)  # -1: unlabelled
+
+        train = count("train")
+        counts = {s: count(s) for s in ("val", "test")}
+        lines = []
+        for c in range(self.num_classes):
+            missing = [s for s in ("val", "test") if len(self._splits[s]) and counts[s][c] == 0]
+            if missing and train[c]:
+                total = int(train[c] + sum(counts[s][c] for s in counts))
+                where = " and no ".join({"val": "validation", "test": "test"}[s] for s in missing)
+                lines.append(f"{self.class_names[c]!r} ({total} image{'s' if total != 1 else ''}) has no {where} image")
+        if lines:
+            rank_zero_warn(f"{type(self).__name__}: " + "; ".join(lines[:10])
+                           + (f"; and {len(lines) - 10} more classes" if len(lines) > 10 else "")
+                           + ": its images all train, and validation / test metrics never see it. Add images "
+                             "(or val / test folders) for it to be measured.")
 
     def dataset(self, split: Split) -> Dataset:
         """The dataset of ``split`` (``"all"`` = train, val, test concatenated); runs ``setup`` if needed."""
@@ -182,27 +228,47 @@ class BaseImageDataModule(pl.LightningDataModule):
         return {s: len(self.dataset(s)) for s in SPLITS}
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, persistent: bool = True) -> DataLoader:
-        """A DataLoader with the shared settings; ``shuffle`` uses a generator seeded with ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _loader(self, dataset: Dataset, sampler: Optional[Sampler] = None, drop_last: bool = False,
+                persistent: bool = True) -> DataLoader:
+        """A DataLoader with the shared settings. It has its own seeded generator (it seeds the worker processes), so
+        iterating a loader never draws from the global RNG, which stays the model's (dropout, augmentation)."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=should_pin_memory(self.trainer, self.pin_memory),
             persistent_workers=persistent and self.num_workers > 0,
             drop_last=drop_last,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), shuffle=True, drop_last=self.drop_last)
+        """Shuffled by ``(seed, epoch)`` (:class:`~lightning_app.data.sampling.EpochSampler`): epoch k's order is the
+        same whether or not the run was interrupted, and a resumed run continues where the checkpoint left off."""
+        ds = self.dataset("train")
+        sampler = self.train_sampler(len(ds), self.seed, shuffle=True, batch_size=self.batch_size)
+        return self._loader(ds, sampler=sampler, drop_last=self._train_drop_last(len(ds)))
+
+    def _train_drop_last(self, n: int) -> bool:
+        """``drop_last``, or True (logged) when the last training batch would hold one image: BatchNorm cannot train
+        on a batch of one ("Expected more than 1 value per channel"); the order is reshuffled every epoch, so a
+        different image sits out each epoch."""
+        if self.drop_last:
+            return True
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = math.ceil(n / max(world, 1))
+        if per_rank > 1 and per_rank % self.batch_size == 1:
+            rank_zero_info(f"{type(self).__name__}: {per_rank} training images per process with batch_size "
+                           f"{self.batch_size} leave a last batch of one image, which BatchNorm cannot train on: that "
+                           f"batch is skipped (a different image each epoch, the order is reshuffled)")
+            return True
+        return False
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         """Validation loader; ``[]`` (no validation) when the val split is empty."""
         ds = self.dataset("val")
-        return self._loader(ds, shuffle=False) if len(ds) else []
+        return self._loader(ds) if len(ds) else []
 
     # test / predict loaders are iterated once per run: persistent workers would only keep idle
     # processes alive (one pool per loader, e.g. per corruption and severity in a robustness run).
@@ -210,14 +276,17 @@ class BaseImageDataModule(pl.LightningDataModule):
         ds = self.dataset("test")
         if len(ds) == 0:
             raise DatasetLayoutError(f"{type(self).__name__} has no test split: {self._no_test_hint()}")
-        return self._loader(ds, shuffle=False, persistent=False)
+        return self._loader(ds, persistent=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Deterministic order over ``predict_split``, no augmentation."""
+        """Deterministic order over ``predict_split``, no augmentation. With ``predict_report_errors = True`` an
+        unreadable image is reported as such (batches ``(images, labels, indices, ok)``), never replaced by another
+        sample; otherwise it is replaced as in training."""
         ds = self.dataset(self.predict_split)
+        ds = ds.reporting() if self.predict_report_errors else ds
         if len(ds) == 0:
             raise DatasetLayoutError(f"{type(self).__name__}: predict_split={self.predict_split!r} is empty")
-        return self._loader(ds, shuffle=False, persistent=False)
+        return self._loader(ds, persistent=False)
 
     def _no_test_hint(self) -> str:
         return "set test_split > 0"
@@ -238,12 +307,12 @@ class BaseImageDataModule(pl.LightningDataModule):
 
     def prepare_batch(self, batch: Batch, dataloader_idx: int = 0, train: bool = False) -> Batch:
         """What :meth:`on_after_batch_transfer` does, with the training flag explicit (for wrappers)."""
-        images, labels, indices = batch
+        images, labels, indices, *rest = batch  # rest: predict's ``ok`` flags
         images = to_float01(images)
         if train and self.augmentation is not None:
             images = self.augmentation(images)
         images = self.transform_batch(images, indices, dataloader_idx)
-        return images, labels, indices
+        return (images, labels, indices, *rest)
 
     def transform_batch(self, images: torch.Tensor, indices: torch.Tensor, dataloader_idx: int = 0) -> torch.Tensor:
         """Apply ``batch_transforms`` in order. Override to choose transforms per ``dataloader_idx``

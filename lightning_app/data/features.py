@@ -483,7 +483,10 @@ def extract_features(trainer: "pl.Trainer", module: nn.Module, datamodule: Any, 
 
     writer = FeatureShardWriter(key_fn, cache_dir, split, rebuild=rebuild)
     old_split, old_bs = datamodule.predict_split, datamodule.batch_size
+    old_report = getattr(datamodule, "predict_report_errors", None)
     datamodule.predict_split = split
+    if old_report is not None:  # training features: an unreadable image is replaced as in training, not blanked
+        datamodule.predict_report_errors = False
     if batch_size:
         datamodule.batch_size = batch_size
     trainer.callbacks.append(writer)
@@ -492,6 +495,8 @@ def extract_features(trainer: "pl.Trainer", module: nn.Module, datamodule: Any, 
     finally:
         trainer.callbacks.remove(writer)
         datamodule.predict_split, datamodule.batch_size = old_split, old_bs
+        if old_report is not None:
+            datamodule.predict_report_errors = old_report
     store = writer.store
     assert store is not None
     if writer.cached:

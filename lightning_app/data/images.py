@@ -88,6 +88,58 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return arr
 
 
+#: environment variable: the largest image (in pixels) decoded at all (default 1 gigapixel, ~3 GB as RGB)
+MAX_PIXELS_ENV = "LIGHTNING_APP_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 1_000_000_000
+
+
+def max_image_pixels() -> int:
+    return int(os.environ.get(MAX_PIXELS_ENV) or DEFAULT_MAX_PIXELS)
+
+
+def _pillow_limit() -> float:
+    """Pixels above which Pillow refuses to open an image (2 x ``MAX_IMAGE_PIXELS``: DecompressionBombError)."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else float("inf")
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """``Image.open`` that also opens images over Pillow's decompression-bomb limit (a guard against hostile files;
+    a big photo in one's own dataset is valid input) up to :func:`max_image_pixels`, beyond which it raises
+    :class:`ImageDecodeError`. Call it with Pillow's DecompressionBombWarning silenced."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # this open only (decoding runs in one thread per worker process)
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    w, h = img.size
+    if w * h > max_image_pixels():
+        img.close()
+        raise ImageDecodeError(path, f"{w}x{h} image is over the {max_image_pixels():,}-pixel limit "
+                                     f"(raise {MAX_PIXELS_ENV} to decode it)")
+    return img
+
+
+def _reduce_oversized(img: Image.Image, path: PathLike) -> None:
+    """An image over Pillow's limit is decoded anyway (with a notice); a JPEG at the smallest reduced scale (1/2,
+    1/4, 1/8: DCT scaling, memory and time divided by 4 to 64) that brings it under the limit."""
+    w, h = img.size
+    if w * h <= _pillow_limit():
+        return
+    note = ""
+    if img.format == "JPEG":
+        for k in (2, 4, 8):
+            if (w // k) * (h // k) <= _pillow_limit() or k == 8:
+                img.draft("RGB", (w // k, h // k))
+                note = f", at 1/{k} scale ({img.size[0]}x{img.size[1]})"
+                break
+    warn_bad_image(path, f"{w}x{h} image ({w * h / 1e6:.0f} MP) is over Pillow's decompression-bomb limit: decoded "
+                         f"anyway{note}; it is resized to the model's input size like any other image")
+
+
 def load_rgb(path: PathLike) -> np.ndarray:
     """Decode ``path`` to an ``(H, W, 3)`` uint8 RGB array; :class:`ImageDecodeError` on failure."""
     try:
@@ -95,13 +147,13 @@ def load_rgb(path: PathLike) -> np.ndarray:
             raise ImageDecodeError(path, "file is empty (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
+                _reduce_oversized(img, path)
                 img.load()  # forces the full decode: truncated data raises here
                 arr = to_rgb_array(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
-            Image.DecompressionBombError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
         raise ImageDecodeError(path, f"{type(err).__name__}: {err}") from err
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageDecodeError(path, f"image has zero size {arr.shape[:2]}")
@@ -116,10 +168,14 @@ def check_image(path: PathLike, verify: Verify = "header") -> Union[str, None]:
         if os.path.getsize(path) == 0:
             return "file is empty (0 bytes)"
         if verify == "full":
-            load_rgb(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BadImageWarning)  # the scan's own warning names the file
+                load_rgb(path)
             return None
-        with Image.open(path) as img:
-            w, h = img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_image(path) as img:
+                w, h = img.size
         if w == 0 or h == 0:
             return f"image has zero size {(h, w)}"
     except ImageDecodeError as err:

@@ -61,7 +61,9 @@ class FileSource:
             p = self.paths[int(i)]
             st = os.stat(p)
             name = relpath_or_abs(p, self.root) if self.root else Path(p).resolve().as_posix()
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{int(self.labels[int(i)])}\n".encode())
+            # surrogateescape: a file name that is not valid UTF-8 hashes as its bytes on disk
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{int(self.labels[int(i)])}\n"
+                     .encode("utf-8", "surrogateescape"))
 
 
 class ArraySource:
@@ -109,6 +111,9 @@ class SplitDataset(Dataset):
     label but the requested ``index``: deterministic, the batch keeps its size and
     every index in ``0..len-1`` still appears exactly once per epoch. If nothing in the
     split is readable it raises.
+
+    :meth:`reporting` gives the view used for prediction, where a file's row must be its own: it never
+    substitutes and yields ``(image, label, index, ok)``, a black image with ``ok=False`` for an unreadable file.
     """
 
     def __init__(
@@ -124,6 +129,18 @@ class SplitDataset(Dataset):
         self.image_size = tuple(image_size)
         self.resize = resize
         self.antialias = antialias
+        self.report_errors = False
+
+    def reporting(self) -> "SplitDataset":
+        """The same samples, yielding ``(image, label, index, ok)`` and never another sample in place of an
+        unreadable one (see the class docstring)."""
+        view = SplitDataset(self.source, self.ids, self.image_size, self.resize, self.antialias)
+        view.report_errors = True
+        return view
+
+    def describe(self, index: int) -> str:
+        """The file path (or array name) of sample ``index``."""
+        return self.source.describe(int(self.ids[index]))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -144,9 +161,13 @@ class SplitDataset(Dataset):
             raise IndexError(f"index {index} out of range for a split of {n} samples")
         try:
             image, label = self._sample(index)
-            return image, label, index
+            return (image, label, index, True) if self.report_errors else (image, label, index)
         except ImageDecodeError as err:
             first = err
+        if self.report_errors:
+            warn_bad_image(first.path, f"{first}; it gets a row with the error, no prediction")
+            blank = torch.zeros((3, *self.image_size), dtype=torch.uint8)
+            return blank, int(self.source.labels[int(self.ids[index])]), index, False
         for step in range(1, n):
             j = (index + step) % n
             try:

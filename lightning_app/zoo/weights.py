@@ -15,13 +15,14 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
 from converters.digest import file_digest, hash_algorithm
-from lightning_app.errors import WeightsUnavailableError
+from lightning_app.errors import WeightsProvenanceError, WeightsUnavailableError
 from lightning_app.zoo.registry import WeightFile, ZooEntry
 
 __all__ = ["CACHE_ENV", "WeightsUnavailableError", "cache_dir", "converted_path", "download", "file_digest",
@@ -131,6 +132,7 @@ def resolve_imagenet(entry: ZooEntry, include_top: bool) -> Path:
 
     out = converted_path(entry, include_top)
     if out.is_file():
+        check_provenance(out, entry, include_top)
         return out
     h5 = keras_file_path(entry, include_top)
     wf = entry.weight_file(include_top)
@@ -159,6 +161,53 @@ def resolve_imagenet(entry: ZooEntry, include_top: bool) -> Path:
             + (" The download was deleted." if downloaded else " Delete it; it will be downloaded again.")
         ) from err
     return save_converted(converted, out)
+
+
+def check_provenance(path: Path, entry: ZooEntry, include_top: bool) -> None:
+    """A cached conversion stands for ``weights="imagenet"`` only if it was converted from the official Keras file:
+    its recorded source digest (sha256, or md5 from this version on) is the published hash of that file. A conversion
+    recorded before the md5 was, against an md5-published file, is compared by sha256 with the official file when
+    that is cached, else accepted by its source file name with a warning. Files Keras ships without a hash are
+    accepted (the conversion proved their structure). Raises :class:`WeightsProvenanceError` otherwise."""
+    from safetensors import safe_open
+
+    wf = entry.weight_file(include_top)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - a broken cache file: say which and how to fix it
+        raise WeightsProvenanceError(f"{path} is not a readable converted weight file ({err}): delete it, it is "
+                                     f"rebuilt from the official {wf.filename}") from err
+    source = meta.get("source_file", "an unknown file")
+    fix = (f"delete {path} (it is rebuilt from the official file), or load that file explicitly with "
+           f"weights={str(path)!r} instead of 'imagenet'")
+    if meta.get("keras_model") not in (None, entry.keras_name) or meta.get("include_top") not in (
+            None, "true" if include_top else "false"):
+        raise WeightsProvenanceError(f"{path} holds {meta.get('keras_model')} weights (include_top="
+                                     f"{meta.get('include_top')}), not {entry.keras_name}'s: {fix}")
+    algorithm = wf.hash_algorithm
+    if algorithm is None:
+        return
+    recorded = meta.get(f"source_{algorithm}")
+    if recorded is not None:
+        if recorded == wf.file_hash:
+            return
+        raise WeightsProvenanceError(f"{path} was converted from {source!r} ({algorithm} {recorded}), not from the "
+                                     f"official {wf.filename} ({algorithm} {wf.file_hash}), so it is not the Keras "
+                                     f"ImageNet weights: {fix}")
+    official = keras_file_path(entry, include_top)
+    if official.is_file() and file_digest(official, algorithm) == wf.file_hash:
+        sha = file_digest(official, "sha256")
+        if meta.get("source_sha256") == sha:
+            return
+        raise WeightsProvenanceError(f"{path} records source sha256 {meta.get('source_sha256')}, not the official "
+                                     f"{wf.filename}'s ({sha}), so it is not the Keras ImageNet weights: {fix}")
+    if source == wf.filename:
+        warnings.warn(f"{path} was converted by an older version that did not record the source {algorithm}, and "
+                      f"the official {wf.filename} is not cached to compare with: it is used as the Keras ImageNet "
+                      f"weights because its source file has the official name (delete it to rebuild it and be sure)")
+        return
+    raise WeightsProvenanceError(f"{path} was converted from {source!r}, not from the official {wf.filename}: {fix}")
 
 
 def load_weights(model: nn.Module, weights: Union[str, os.PathLike], entry: Optional[ZooEntry],
