@@ -120,3 +120,31 @@ def test_predict_without_data_or_inputs_says_what_is_missing(trained, capsys, mo
         cli_main(["predict", "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
     assert exc.value.code == 2
     assert "predict needs a data section" in capsys.readouterr().err
+
+
+def test_cli_test_checks_the_data_against_the_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    """Issue 9, case 2 through the CLI: trained at 24 px on 7 classes; testing at 32 px resizes to 24 px with a
+    notice (before: accuracy silently collapsed), a renamed class folder is refused with the difference spelled out
+    (before: accuracy 1.0 -> 0.0, no warning)."""
+    import shutil
+
+    root, ckpt = trained
+    data = tmp_path / "data"
+    shutil.copytree(root / "train", data)
+    common = ["test", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "food.yaml"),
+              "--ckpt_path", str(ckpt), "--data.init_args.image_size", "32", "--data.init_args.num_workers", "0",
+              "--data.init_args.val_split", "0.0", "--data.init_args.test_split", "0.5",
+              "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--report.grid_size", "0"]
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.warns(UserWarning, match="images are resized to 24x24, the size the checkpoint"):
+        cli = cli_main([*common, "--data.init_args.root", str(data)])
+    assert cli.datamodule.image_size == (24, 24) and "test_acc" in cli.trainer.callback_metrics
+
+    (data / "apple").rename(data / "apples")
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*common, "--data.init_args.root", str(data)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "data error: the data's classes are not the 7 classes the checkpoint" in err
+    assert "missing from the data: 'apple'; not known to the model: 'apples'" in err and "Traceback" not in err
