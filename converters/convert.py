@@ -1,6 +1,7 @@
 """Convert a Keras weight file into a timm state dict and save it as safetensors."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -31,25 +32,25 @@ class Converted:
         return self.metadata["include_top"] == "true"
 
 
-def reference_state_dict(spec: KerasModelSpec, include_top: bool) -> Dict[str, torch.Tensor]:
-    """Keys and shapes a conversion must produce: the timm model's, built on the meta device (no memory)."""
+@functools.lru_cache(maxsize=None)
+def _reference_shapes(timm_arch: str, include_top: bool) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
     import timm
 
-    with torch.device("meta"):
-        model = timm.create_model(spec.timm_arch, pretrained=False, num_classes=1000 if include_top else 0)
-    return model.state_dict()
+    with torch.device("meta"):  # keys and shapes only: no memory, no initialisation of real tensors
+        model = timm.create_model(timm_arch, pretrained=False, num_classes=1000 if include_top else 0)
+    return {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
 
 
 def check_against_model(state_dict: StateDict, entry: KerasModelSpec, include_top: bool) -> StateDict:
-    """Fill BatchNorm step counters, then require exactly the model's keys and shapes."""
-    reference = reference_state_dict(entry, include_top)
-    for key, value in reference.items():
+    """Fill BatchNorm step counters, then require exactly the model's keys and shapes (``entry.timm_arch``)."""
+    reference = _reference_shapes(entry.timm_arch, include_top)
+    for key, (shape, dtype) in reference.items():
         if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = torch.zeros(value.shape, dtype=value.dtype)
+            state_dict[key] = torch.zeros(shape, dtype=dtype)
     missing = sorted(set(reference) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(reference))
-    wrong = [f"{k}: converted {tuple(state_dict[k].shape)} vs model {tuple(reference[k].shape)}"
-             for k in reference if k in state_dict and state_dict[k].shape != reference[k].shape]
+    wrong = [f"{k}: converted {tuple(state_dict[k].shape)} vs model {tuple(shape)}"
+             for k, (shape, _) in reference.items() if k in state_dict and state_dict[k].shape != shape]
     if missing or unexpected or wrong:
         raise LayerMismatchError(
             f"conversion for {entry.keras_name} does not fill {entry.timm_arch}: "

@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from converters.keras_models import import_keras, keras_floatx
+from converters.keras_models import import_keras, keras_floatx, seed_keras
+from converters.manifest import manifest_from_keras_model
 from converters.spec import KerasModelSpec
 
 #: ``load_model(spec, converted_path, include_top) -> torch model`` (the zoo passes ``create_backbone``'s path)
@@ -187,6 +188,7 @@ class ParityCase:
     h5: Dict[bool, Path]  # include_top -> legacy .h5
     keras_out: Dict[bool, np.ndarray]  # include_top -> logits / NHWC features
     workdir: Path
+    top_manifest: list  # the built top model's layers with weights (converters.manifest.LayerSpec)
 
     def converted(self, include_top: bool) -> Path:
         """The converted ``.safetensors`` of the top / notop file (converted once, then reused)."""
@@ -218,8 +220,7 @@ def _keras_top_and_notop(spec: KerasModelSpec, size: int) -> Tuple[object, objec
 def make_case(spec: KerasModelSpec, workdir: os.PathLike | str, input_size: Optional[int] = None,
               num_images: int = 2, seed: int = 0) -> ParityCase:
     """Randomise one Keras build, save its top and notop files, and record its outputs (one forward pass)."""
-    keras = import_keras()
-    keras.utils.set_random_seed(seed)
+    seed_keras(seed)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     size = input_size or spec.input_size
@@ -229,7 +230,8 @@ def make_case(spec: KerasModelSpec, workdir: os.PathLike | str, input_size: Opti
     h5 = {include_top: save_legacy_h5(model, workdir / f"{spec.keras_name}_{'top' if include_top else 'notop'}.h5")
           for include_top, model in ((True, top), (False, features))}
     keras_features, keras_logits = keras_outputs(both, images, spec)
-    return ParityCase(spec, size, images, h5, {True: keras_logits, False: keras_features}, workdir)
+    return ParityCase(spec, size, images, h5, {True: keras_logits, False: keras_features}, workdir,
+                      manifest_from_keras_model(top))
 
 
 def check_case(case: ParityCase, load_model: ModelLoader = load_into_timm) -> List[ParityReport]:

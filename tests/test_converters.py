@@ -10,7 +10,7 @@ from converters import parity
 from converters.__main__ import main as converters_main
 from converters.convert import convert, load_converted, save_converted
 from converters.errors import LayerMismatchError, WeightFileError
-from converters.keras_models import build_keras_model, import_keras
+from converters.keras_models import build_keras_model, import_keras, seed_keras
 from lightning_app.zoo import create_backbone, get_entry, list_models
 
 SIZE = 64  # DenseNet's converter does not depend on the input size; small keeps the tests fast
@@ -20,8 +20,7 @@ ENTRY = get_entry("DenseNet201")
 @pytest.fixture(scope="module")
 def keras_densenet(tmp_path_factory):
     """A randomised Keras DenseNet201 (top) with its legacy .h5, .weights.h5 and full-model .h5."""
-    keras = import_keras()
-    keras.utils.set_random_seed(1)
+    seed_keras(1)
     model = build_keras_model(ENTRY, include_top=True, input_size=SIZE)
     parity.randomize_keras_model(model, parity.sample_images(SIZE, 4), ENTRY, seed=1)
     root = tmp_path_factory.mktemp("densenet")

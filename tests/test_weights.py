@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from converters import parity
-from converters.keras_models import build_keras_model, import_keras
+from converters.keras_models import build_keras_model, seed_keras
 from lightning_app.zoo import create_backbone, get_entry
 from lightning_app.zoo import weights as zoo_weights
 from lightning_app.zoo.registry import MIRROR_ENV, KerasFiles, WeightFile
@@ -22,7 +22,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def notop_file(tmp_path_factory) -> Path:
     """A legacy notop DenseNet201 .h5 generated here, standing in for the official file."""
-    import_keras().utils.set_random_seed(3)
+    seed_keras(3)
     model = build_keras_model(ENTRY, include_top=False, input_size=SIZE)
     return parity.save_legacy_h5(model, tmp_path_factory.mktemp("official") / ENTRY.notop.filename)
 

@@ -13,6 +13,20 @@ and notop, other input sizes), preprocessing, native size and published top-1::
     def keras_inception_v3(pretrained=False, **kwargs):
         return build_model_with_cfg(KerasInceptionV3, "keras_inception_v3", pretrained, **kwargs)
 
+Variants are models too. Another width (alpha) is another timm function with its own decorator,
+named after the Keras model plus what differs; other input sizes of the same architecture (own
+weight files, same layers) are ``SizeVariant`` rows registered as ``<name>_<size>``::
+
+    @register_model
+    @keras_application("MobileNetV2_035", application="MobileNetV2", keras_kwargs=dict(alpha=0.35),
+                       size=224, mode="tf", top1=None, mapping=to_timm, first_conv="conv_stem",
+                       files=_files(0.35, 224), sizes=[SizeVariant(s, _files(0.35, s), parity=s == 96)
+                                                        for s in (96, 128, 160, 192)])
+    def keras_mobilenetv2_035(pretrained=False, **kwargs): ...
+
+gives ``MobileNetV2_035`` (224) and ``MobileNetV2_035_96`` ... ``MobileNetV2_035_192``, all variants
+of ``MobileNetV2`` (``list_models()`` lists default models, ``list_models(variants=True)`` all).
+
 The decorator also writes the timm ``pretrained_cfg`` (input size, mean / std, first conv,
 classifier) into the module's ``default_cfgs``, which ``@register_model`` then registers. The
 table (``REGISTRY``), ``python -m converters list``, the README table and the parity tests are
