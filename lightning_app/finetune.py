@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_app.errors import ConfigError
@@ -176,6 +176,46 @@ def enforce_frozen_bn(module: nn.Module) -> None:
 
 def bn_is_frozen(module: nn.Module) -> bool:
     return bool(getattr(module, FROZEN_BN_ATTR, False))
+
+
+# ----------------------------------------------------------------------------- compiled training forward
+class CompiledBackbone:
+    """``torch.compile`` of a backbone's training forward that keeps working through layer-wise unfreezing.
+
+    Dynamo guards every parameter's ``requires_grad`` and every module's ``training`` flag, so unfreezing a group
+    (or letting its BatchNorm train) makes the next call compile a graph for the new trainable set: its backward
+    then produces the new group's gradients, and Keras-frozen BatchNorm layers stay in inference mode (their
+    ``training`` flag is part of the graph). The number of graphs is bounded by the trainable sets of the
+    schedule (times the batch shapes, e.g. a smaller last batch) and by dynamo's recompile limit; each new graph
+    is logged. If compiling raises, the backbone runs eagerly from then on (said once). The wrapper shares the
+    backbone's parameters and is not a submodule (no ``state_dict`` / checkpoint change).
+    """
+
+    def __init__(self, backbone: nn.Module, **compile_kwargs: Any) -> None:
+        self.backbone = backbone
+        self.compiled = torch.compile(backbone, **compile_kwargs)
+        self.graphs = 0
+        self.failed: Optional[str] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None:
+            return self.backbone(x)
+        from torch._dynamo.utils import counters
+
+        before = counters["stats"]["unique_graphs"]
+        try:
+            out = self.compiled(x)
+        except Exception as err:  # a compiler failure: train eagerly (a real error raises again there)
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            rank_zero_warn(f"torch.compile of the training backbone failed ({self.failed}); training it eagerly")
+            return self.backbone(x)
+        new = counters["stats"]["unique_graphs"] - before
+        if new:
+            self.graphs += new
+            trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+            rank_zero_info(f"compiled the training backbone: {new} new graph(s), {self.graphs} in all "
+                           f"({trainable:,} trainable backbone parameters)")
+        return out
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -418,6 +458,7 @@ class ParameterSyncCheck(Callback):
 
 
 __all__ = [
+    "CompiledBackbone",
     "LayerGroup",
     "LayerwiseUnfreezing",
     "ParameterSyncCheck",

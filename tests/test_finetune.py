@@ -214,3 +214,54 @@ def test_resume_control_without_phase_restore_differs(tmp_path):
     t = trainer(tmp_path / "b", max_epochs=3, callbacks=[Forgetful({1: 1, 3: 1}), rec], limit_val_batches=1)
     t.fit(model, tiny_data(cls=OrderedDigits), ckpt_path=str(tmp_path / "a" / "ckpt" / "eepoch=1.ckpt"))
     assert rec.trainable[2] != rec_full.trainable[2]
+
+
+# --------------------------------------------------------------------------- compiled training forward
+class GroupSnapshots(Callback):
+    """Weights of the last backbone group and all BatchNorm statistics at each epoch start, and after fit."""
+
+    def __init__(self):
+        self.weights, self.stats = {}, {}
+
+    def _take(self, key, pl_module):
+        self.weights[key] = [p.detach().clone() for p in pl_module.layer_groups[-1].params]
+        self.stats[key] = bn_stats(pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._take(trainer.current_epoch, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._take("end", pl_module)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_unfreezing_after_compilation_trains_the_new_group(tmp_path, backend):
+    """The compiled training backbone is built while the backbone is frozen (epoch 0); unfreezing the last group at
+    epoch 1 recompiles (requires_grad is guarded): the group's weights then change, frozen BatchNorm statistics do
+    not, and the number of compiled graphs stays bounded (one per trainable set and batch shape)."""
+    if backend == "inductor" and not torch.cuda.is_available():
+        pytest.skip("inductor training graphs take minutes to compile on 2 CPU cores; aot_eager checks the guards")
+    dm = tiny_data(n=40, batch_size=8)  # 30 training images: batches of 8, 8, 8, 6
+    model = TransferModule("test_resnet", 3, weights=None, stage="finetune", lr=1e-2, compile_backbone=True,
+                           compile_kwargs={"backend": backend})
+    g = torch.Generator().manual_seed(0)
+    for bn in model.backbone.modules():  # like pretrained weights: no zero-initialised residual BN gamma
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.weight.data.uniform_(0.5, 1.5, generator=g)
+            bn.running_mean.uniform_(-0.1, 0.1, generator=g)
+    snaps = GroupSnapshots()
+    cb = LayerwiseUnfreezing({1: 1}, train_bn=False)
+    accel = "gpu" if backend == "inductor" else "cpu"
+    trainer(tmp_path, accelerator=accel, max_epochs=2, callbacks=[cb, snaps], limit_val_batches=1).fit(model, dm)
+    compiled = model.__dict__.get("_compiled_backbone")
+    assert compiled is None  # released after fit
+    graphs = model._last_compiled_graphs
+    assert 2 <= graphs <= 4  # (frozen, last group trainable) x (full, last batch)
+    before, after = snaps.weights[1], snaps.weights["end"]
+    bn_ids = {id(p) for bn in model.layer_groups[-1].bn_modules for p in bn.parameters()}
+    trained = [not torch.equal(a, b) for a, b, p in zip(before, after, model.layer_groups[-1].params)
+               if id(p) not in bn_ids]
+    assert trained and all(trained)  # every unfrozen weight moved during epoch 1
+    assert all(torch.equal(snaps.weights[0][i], before[i]) for i in range(len(before)))  # frozen in epoch 0
+    for key in snaps.stats[0]:
+        assert torch.equal(snaps.stats[0][key], snaps.stats["end"][key]), key  # frozen BN: inference mode
