@@ -28,6 +28,7 @@ and any LightningDataModule (``data.class_path``), with:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -174,9 +175,17 @@ class TransferCLI(LightningCLI):
             self._ckpt_meta = metadata(load_checkpoint(path, mmap=True))
         super()._parse_ckpt_path()
 
-    def _match_checkpoint(self, labelled: bool = True) -> None:
+    def _match_checkpoint(self, labelled: Optional[bool] = True) -> None:
+        """Check the data against the checkpoint (``labelled=None``: only quiet Lightning's resume notices)."""
+        sub = self.config.get("subcommand")
+        if sub != "fit":
+            # Lightning's notices about restoring the training callbacks' state concern resuming a fit only
+            for message in (r".*callbacks used to create the checkpoint need to be provided.*",
+                            r".*The dirpath has changed from .* won't be reloaded.*"):
+                warnings.filterwarnings("ignore", message=message)
+        if labelled is None:
+            return
         if getattr(self, "_ckpt_meta", None):
-            sub = self.config.get("subcommand")
             match_data(self._ckpt_meta, self.datamodule, labelled=labelled,
                        source=f"the checkpoint {self.config[sub].get('ckpt_path')}")
 
@@ -259,6 +268,7 @@ class TransferCLI(LightningCLI):
     def before_predict(self) -> None:
         opts: PredictOptions = self._get(self.config_init, "prediction")
         if opts.inputs:
+            self._match_checkpoint(labelled=None)  # the inputs are prepared from the checkpoint itself
             if isinstance(opts.inputs, str):
                 opts.inputs = [opts.inputs]
             self.datamodule = self._files_datamodule(opts)
