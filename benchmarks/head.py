@@ -9,6 +9,9 @@ dataset fingerprint, precision, ...; synthetic ReLU-like clustered features of `
 product's ``FeatureStore``), so ``fit`` takes the cache-hit path a second run of the seed workflow takes.
 Keras: ``Sequential([Dense(256, relu), Dropout(0.5), Dense(10)])``, Adam(1e-3), sparse cross-entropy from
 logits, accuracy, ``fit(validation_data=...)`` on exactly those arrays (``.npy`` files of the cache).
+Beside it: the compute limit of those steps (``lightning_app.head_steps.matmul_limit``: the step's matrix products
+alone, timed with ``torch.mm`` at its shapes, best of N, times the steps per epoch), the fused Adam kernel's time
+per epoch, and which step runner the module used (``lean`` on CPU, ``cuda-graph`` on one GPU).
 Metric: seconds per training epoch, validation excluded (both sides time it and subtract it); steady state =
 median of the epochs after the first; the first epoch (tracing, compilation, warm-up) is reported apart. What
 the CLI does between epochs (checkpointing, reports) is outside the epoch on both sides; ``ours between epochs s``
@@ -94,8 +97,19 @@ def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
         raise RuntimeError(f"the CLI used caches {used}, the benchmark wrote {written}")
     epochs = [e for e in timer.epochs if "end" in e]
     train_s = timer.epoch_train_seconds()
+    # the compute limit of the same steps (lightning_app.head_steps): the step's matrix products alone, and the fused
+    # Adam kernel, timed at the step's shapes on the same device, per epoch
+    from lightning_app.head_steps import adam_kernel_time, matmul_limit
+
+    rows, batch_size = len(cli.datamodule.sets["train"]), cli.datamodule.batch_size
+    steps = -(-rows // batch_size)
+    limit_s = matmul_limit(cli.model.head, batch_size, cli.model.device) * steps
+    adam_s = adam_kernel_time(cli.model.head, cli.model.device) * steps
+    steady = median(train_s[1:])
     return {"env": env_info(cli.trainer), "device": "cuda" if cli.trainer.accelerator.__class__.__name__.startswith(
                 "CUDA") else "cpu", "precision": str(cli.trainer.precision), "rows": len(cli.datamodule.sets["train"]),
+            "matmul_limit_s": limit_s, "adam_kernel_s": adam_s, "over_matmul_limit": steady / limit_s,
+            "head_steps": getattr(getattr(cli.model, "_head_steps", None), "name", None),
             "val_rows": len(cli.datamodule.sets["val"]),
             "features": {s: str(Path(p) / "features.npy") for s, p in used.items()},
             "labels": {s: str(Path(p) / "labels.npy") for s, p in used.items()},
@@ -164,6 +178,10 @@ def main() -> None:
         res.print_table(f"Head training on cached features ({args.rows} x 2048, batch {batch}), s/epoch, {device}",
                         keys=["case"], metric="steady_epoch_s", unit="s/epoch", higher_is_better=False,
                         extra=[("ours precision", OURS, "precision", "s"), ("Keras policy", "keras-jax", "policy", "s"),
+                               ("matmul limit s/epoch", OURS, "matmul_limit_s", ".2f"),
+                               ("ours / matmul limit", OURS, "over_matmul_limit", ".2f"),
+                               ("Adam kernel s/epoch", OURS, "adam_kernel_s", ".2f"),
+                               ("ours head steps", OURS, "head_steps", "s"),
                                ("ours between epochs s", OURS, "between_epochs_s", ".2f"),
                                ("ours first epoch s", OURS, "first_epoch_s", ".2f"),
                                ("Keras-JAX first epoch s", "keras-jax", "first_epoch_s", ".2f"),
