@@ -11,7 +11,7 @@
 # * parallelism that does not oversubscribe: $GPU_TEST_WORKERS workers (default: cores / 2, at most 8) x
 #   OMP_NUM_THREADS (default: cores / workers) torch threads; the DDP tests' 2 ranks use 1 thread each;
 # * --timeout per test (default 240 s) and a budget for the whole run (default 285 s, then SIGINT: pytest
-#   still prints its summary of what failed).
+#   still prints its summary of what failed); GPU_TEST_CONTINUE=1 goes on with the tests not yet passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CPUS=$(nproc)
@@ -20,7 +20,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / WORKERS > 1 ? CPUS / WORKER
 export MKL_NUM_THREADS=$OMP_NUM_THREADS PYTHONUNBUFFERED=1
 LOG=${LOG:-${OUT:+$OUT/}gpu_tests.log}
 export LIGHTNING_APP_TEST_LOG=${LOG%.log}_outcomes.log
-: > "$LIGHTNING_APP_TEST_LOG"
+# GPU_TEST_CONTINUE=1: a run cut short goes on where it stopped (the tests that passed before are deselected)
+SKIP=()
+if [ -n "${GPU_TEST_CONTINUE:-}" ] && [ -f "$LIGHTNING_APP_TEST_LOG" ]; then
+  while read -r outcome node _; do
+    [ "$outcome" = PASSED ] || [ "$outcome" = SKIPPED ] && SKIP+=(--deselect "$node")
+  done < "$LIGHTNING_APP_TEST_LOG"
+  echo "continuing: $(( ${#SKIP[@]} / 2 )) tests that already passed or were skipped are deselected" | tee -a "$LOG"
+else
+  : > "$LIGHTNING_APP_TEST_LOG"
+fi
 python - <<'PY' 2>&1 | tee "$LOG"
 import os, platform, torch
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE"
@@ -29,7 +38,7 @@ PY
 echo "workers $WORKERS x OMP_NUM_THREADS $OMP_NUM_THREADS; log $LOG, outcomes $LIGHTNING_APP_TEST_LOG" | tee -a "$LOG"
 timeout -s INT -k 30 "${GPU_TEST_BUDGET:-285}" \
   python -m pytest -n "$WORKERS" --timeout "${GPU_TEST_TIMEOUT:-240}" -v -rfE --durations=25 \
-    -p no:cacheprovider -p no:benchmark "$@" 2>&1 | tee -a "$LOG"
+    -p no:benchmark "${SKIP[@]}" "$@" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
-echo "exit code $rc (124/130: cut by the budget)" | tee -a "$LOG"
+echo "exit code $rc$( [ "$rc" = 124 ] || [ "$rc" = 130 ] && echo ": cut by the budget (go on: GPU_TEST_CONTINUE=1 bash .ci/gpu_tests.sh)")" | tee -a "$LOG"
 exit "$rc"

@@ -50,7 +50,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 #: run first under pytest-xdist, so the longest tests do not start last and stretch the run
-_SLOW_MODULES = ("test_ddp.py", "test_parity.py", "test_robustness_e2e.py", "test_cli.py", "test_checkpoints.py")
+_SLOW_MODULES = ("test_ddp.py", "test_parity.py", "test_robustness_e2e.py", "test_cli.py", "test_checkpoints.py",
+                 "test_valid_input.py", "test_head_training.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -68,7 +69,7 @@ def pytest_runtest_logreport(report):
         return
     outcome = "FAILED" if failed else report.outcome.upper()
     where = f" [{report.when}]" if report.when != "call" else ""
-    line = f"{outcome}{where} {report.nodeid} ({report.duration:.1f}s)"
+    line = f"{outcome} {report.nodeid}{where} ({report.duration:.1f}s)"
     text = f"\n{'=' * 30} {line}\n{report.longreprtext}\n{'=' * 30}\n" if failed else ""
     if failed:
         import sys

@@ -149,3 +149,17 @@ def test_noise_filtered_and_bad_image_warning_points_at_the_file(tmp_path):
     warning = next(line for line in log.splitlines() if "BadImageWarning" in line)
     assert warning.startswith(bad + ":"), warning
     assert "fetch.py" not in log
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error_not_an_eoferror(tmp_path, capsys, monkeypatch):
+    import torch
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, path)
+    path.write_bytes(path.read_bytes()[:1500])  # cut off while being copied
+    root = image_folder(tmp_path / "food")
+    args = food_args(tmp_path, root, "--ckpt_path", str(path))
+    args[0] = "test"
+    err = run_cli_expecting_error([a for a in args if a not in ("--trainer.fast_dev_run", "true")], capsys, monkeypatch)
+    assert err.startswith("checkpoint error: checkpoint") and "is truncated or corrupt" in err
+    assert "EOFError" not in err.split("(")[0] and len(err.splitlines()) == 1
