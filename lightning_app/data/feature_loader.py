@@ -113,11 +113,24 @@ def _fits_in_memory(nbytes: int, device: torch.device) -> bool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return nbytes <= RESIDENT_MEMORY_FRACTION * free
+    free = _available_ram()
+    return free is None or nbytes <= RESIDENT_MEMORY_FRACTION * free
+
+
+def _available_ram() -> Optional[int]:
+    """Bytes of RAM available to a new allocation (Linux ``MemAvailable``: free memory plus reclaimable page cache);
+    ``None`` when unknown (then a split is assumed to fit: it is memory-mapped already)."""
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: assume it fits (it was already memory-mapped)
-        return True
-    return nbytes <= RESIDENT_MEMORY_FRACTION * free
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def to_device(features: np.ndarray, device: torch.device, block_rows: int = 65536) -> torch.Tensor:
