@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_app.data import DigitsDataModule
+from lightning_app.errors import CheckpointError
 from lightning_app.perturb import corrupt
 from lightning_app.robustness import INFERENCE_MODE_FIX, RobustnessDataModule, module_from_classifier
 from lightning_app.robustness.models import load_module, parse_model_spec
@@ -84,5 +85,5 @@ def test_imagenet_top_becomes_an_equal_transfer_module():
         assert torch.allclose(module(x), top((x - 0.5) / 0.5), atol=1e-5)  # test_resnet's own mean/std 0.5
     with pytest.raises(ValueError, match="ImageNet-labelled data"):
         load_module(parse_model_spec("InceptionV3"), num_classes=10)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="does not exist"):
         parse_model_spec("runs/missing.ckpt")

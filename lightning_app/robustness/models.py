@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
 from torch import nn
 
+from lightning_app.checkpoint import load_checkpoint
+from lightning_app.errors import CheckpointError, DataMismatchError
 from lightning_app.module import TransferModule
 
 #: The six models of the seed notebook's comparison.
@@ -33,13 +34,11 @@ def _is_checkpoint_path(text: str) -> bool:
 
 def checkpoint_hparams(path: str) -> Dict[str, Any]:
     """The ``hyper_parameters`` of a Lightning checkpoint (clear error if the file is missing or foreign)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    ckpt = load_checkpoint(path, mmap=True)  # CheckpointError: missing, truncated, not a checkpoint
+    hp = ckpt.get("hyper_parameters")
     if not hp or "backbone" not in hp:
-        raise ValueError(f"{path} is not a TransferModule checkpoint (no 'backbone' hyper-parameter); "
-                         f"use a checkpoint written by `python -m lightning_app fit`")
+        raise CheckpointError(f"{path} is not a TransferModule checkpoint (no 'backbone' hyper-parameter); "
+                              f"use a checkpoint written by `python -m lightning_app fit`")
     return dict(hp)
 
 
@@ -104,11 +103,11 @@ def load_module(spec: ModelSpec, num_classes: int) -> TransferModule:
     if spec.checkpoint:
         module = TransferModule.load_from_checkpoint(spec.checkpoint, map_location="cpu", weights=None)
         if module.num_classes != num_classes:
-            raise ValueError(f"{spec.checkpoint} predicts {module.num_classes} classes, "
-                             f"the test data have {num_classes}")
+            raise DataMismatchError(f"{spec.checkpoint} predicts {module.num_classes} classes, the test data have "
+                                    f"{num_classes}: test it on data with its training classes")
         return module
     if num_classes != IMAGENET_CLASSES:
-        raise ValueError(
+        raise DataMismatchError(
             f"{spec.label}: without a checkpoint a model is tested with its Keras ImageNet top, which needs "
             f"ImageNet-labelled data (1000 classes in Keras order); these data have {num_classes} classes. "
             f"Pass the checkpoints of your fine-tuned models instead: --models label=path/to/best.ckpt ..."
