@@ -38,29 +38,28 @@ def batch_images(batch: Any) -> int:
 
 
 class LoopTimer(pl.Callback):
-    """Host timestamps of every loop, epoch and batch.
+    """Timestamps of every loop, epoch and batch, without adding any wait for the device inside a loop.
 
-    ``batches[stage]`` holds ``(run, dataloader_idx, images, start, end)`` where ``start`` is taken in
-    ``on_<stage>_batch_start`` (the batch is fetched, moved to the device and through
-    ``on_after_batch_transfer``) and ``end`` in ``on_<stage>_batch_end`` (the step returned). With
-    ``sync_batches=True`` both wait for the GPU first (use it where the loop synchronises anyway, e.g. the
-    feature writer's ``.cpu()``; never in training, where it would stall the pipeline). With ``"edges"`` only
-    the first batch of each dataloader is synchronised (before and after it), so per-dataloader times are
-    exact (see :meth:`loader_windows`) at the cost of two waits per dataloader. Epoch and loop boundaries
-    always synchronise.
+    ``batches[stage]`` holds ``(run, dataloader_idx, images, start, end)``: ``start`` is taken in
+    ``on_<stage>_batch_start`` (the batch is fetched, on the device, through ``on_after_batch_transfer``),
+    ``end`` in ``on_<stage>_batch_end`` (the step returned). When the module runs on a CUDA device both are
+    CUDA events recorded on the current stream, turned into seconds on the host clock when the loop ends
+    (origin: the loop start, where the device is idle): they say when the *device* got there, so a step's
+    interval is its device time and the gaps between steps are the device waiting for data, with no
+    synchronisation inside the loop. On the CPU everything is synchronous and they are host times. Loop,
+    epoch and validation boundaries synchronise. ``sync_batches=True`` also waits for the device at every
+    batch start and end (costs the pipeline its overlap; for checks only).
     """
 
-    def __init__(self, sync_batches: Any = False) -> None:
-        if sync_batches not in (True, False, "edges"):
-            raise ValueError(f"sync_batches must be True, False or 'edges', got {sync_batches!r}")
-        self.sync_batches = sync_batches
-        self._current: Optional[Tuple[int, int]] = None
-        self._edge = False
+    def __init__(self, sync_batches: bool = False) -> None:
+        self.sync_batches = bool(sync_batches)
         self.marks: List[Tuple[str, float]] = []
         self.batches: Dict[str, List[Batch]] = {s: [] for s in ("train", "validation", "test", "predict")}
         self.epochs: List[Dict[str, float]] = []
         self._runs = {s: -1 for s in self.batches}
-        self._start: Dict[str, float] = {}
+        self._start: Dict[str, Any] = {}
+        self._ref: Dict[Tuple[str, int], Tuple[float, Any]] = {}  # (stage, run) -> (host time, CUDA event)
+        self._cuda = False  # the running loop's module is on a CUDA device: stamp batches with CUDA events
         self._val_start: Optional[float] = None
 
     # -- marks
@@ -83,27 +82,48 @@ class LoopTimer(pl.Callback):
         self.mark(f"teardown:{getattr(stage, 'value', stage)}")
 
     # -- loops
-    def _loop_start(self, stage: str) -> None:
+    def _loop_start(self, stage: str, pl_module: pl.LightningModule) -> None:
         self._runs[stage] += 1
-        self.mark(f"start:{stage}")
+        t = self.mark(f"start:{stage}")
+        event = None
+        if _on_cuda(pl_module):  # the device is idle here (mark() waited): this event is the clock's origin
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self._ref[(stage, self._runs[stage])] = (t, event)
+        self._cuda = event is not None
+
+    def _loop_end(self, stage: str) -> None:
+        self.mark(f"end:{stage}")
+        self._resolve(stage)
+
+    def _resolve(self, stage: str) -> None:
+        """Turn recorded CUDA events into host-clock seconds (after the device finished them)."""
+        rows = self.batches[stage]
+        if not any(isinstance(r[3], torch.cuda.Event) or isinstance(r[4], torch.cuda.Event) for r in rows):
+            return
+        sync()
+        for i, (run, dl, n, start, end) in enumerate(rows):
+            t0, ref = self._ref[(stage, run)]
+            conv = [t0 + ref.elapsed_time(e) / 1e3 if isinstance(e, torch.cuda.Event) else e for e in (start, end)]
+            rows[i] = (run, dl, n, conv[0], conv[1])
 
     def on_predict_start(self, trainer, pl_module):
-        self._loop_start("predict")
+        self._loop_start("predict", pl_module)
 
     def on_predict_end(self, trainer, pl_module):
-        self.mark("end:predict")
+        self._loop_end("predict")
 
     def on_test_start(self, trainer, pl_module):
-        self._loop_start("test")
+        self._loop_start("test", pl_module)
 
     def on_test_end(self, trainer, pl_module):
-        self.mark("end:test")
+        self._loop_end("test")
 
     def on_train_start(self, trainer, pl_module):
-        self._loop_start("train")
+        self._loop_start("train", pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.mark("end:train")
+        self._loop_end("train")
 
     # -- epochs (training), validation time inside them
     def on_train_epoch_start(self, trainer, pl_module):
@@ -126,37 +146,40 @@ class LoopTimer(pl.Callback):
         self._val_start = None
 
     # -- batches
-    def _batch_start(self, stage: str, dataloader_idx: int = 0) -> None:
-        loader = (self._runs[stage], dataloader_idx)
-        self._edge = loader != self._current
-        self._current = loader
-        if self.sync_batches is True or (self.sync_batches == "edges" and self._edge):
+    def _stamp(self, pl_module: pl.LightningModule) -> Any:
+        if self.sync_batches:
             sync()
-        self._start[stage] = now()
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return now()
 
-    def _batch_end(self, stage: str, batch: Any, dataloader_idx: int) -> None:
-        if self.sync_batches is True or (self.sync_batches == "edges" and self._edge):
-            sync()
+    def _batch_start(self, stage: str, pl_module: pl.LightningModule) -> None:
+        self._start[stage] = self._stamp(pl_module)
+
+    def _batch_end(self, stage: str, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        end = self._stamp(pl_module)
         self.batches[stage].append((self._runs[stage], dataloader_idx, batch_images(batch),
-                                    self._start.pop(stage, float("nan")), now()))
+                                    self._start.pop(stage, float("nan")), end))
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._batch_start("predict", dataloader_idx)
+        self._batch_start("predict", pl_module)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end("predict", batch, dataloader_idx)
+        self._batch_end("predict", pl_module, batch, dataloader_idx)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._batch_start("test", dataloader_idx)
+        self._batch_start("test", pl_module)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._batch_end("test", batch, dataloader_idx)
+        self._batch_end("test", pl_module, batch, dataloader_idx)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._batch_start("train")
+        self._batch_start("train", pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._batch_end("train", batch, 0)
+        self._batch_end("train", pl_module, batch, 0)
 
     # -- summaries
     def epoch_train_seconds(self) -> List[float]:
@@ -170,24 +193,22 @@ class LoopTimer(pl.Callback):
         return [b["start"] - a["end"] for a, b in zip(done, done[1:])]
 
     def loader_windows(self, stage: str, run: int = 0) -> List[Dict[str, float]]:
-        """Per dataloader of one loop run, for ``sync_batches="edges"``: ``wall_s`` from the synchronised start
-        of its first batch (for dataloader 0: from the loop start) to the synchronised start of the next
-        dataloader's first batch (for the last one: the loop end); ``img_s`` = all its images / ``wall_s``;
-        ``steady_img_s`` = the images after its first batch / the time after its first batch (warm-up and
-        compilation left out)."""
+        """Per dataloader of one loop run: ``wall_s`` from the end of the previous dataloader's last batch (for the
+        first: the loop start) to the end of its own last batch; ``img_s`` = its images / ``wall_s``;
+        ``first_batch_s`` up to the end of its first batch; ``steady_img_s`` = the images after its first batch /
+        the time after it (warm-up and compilation left out)."""
+        self._resolve(stage)
         rows = [b for b in self.batches[stage] if b[0] == run]
-        loaders = sorted({b[1] for b in rows})
-        starts = {k: min(b[3] for b in rows if b[1] == k) for k in loaders}
-        ends = [starts[k] for k in loaders[1:]] + [self.all(f"end:{stage}")[run]]
-        out = []
-        for k, end in zip(loaders, ends):
+        out: List[Dict[str, float]] = []
+        begin = self.all(f"start:{stage}")[run]
+        for k in sorted({b[1] for b in rows}):
             mine = [b for b in rows if b[1] == k]
-            begin = self.all(f"start:{stage}")[run] if k == loaders[0] else starts[k]
-            images = sum(b[2] for b in mine)
+            end, images = mine[-1][4], sum(b[2] for b in mine)
             later = images - mine[0][2]
             out.append({"dataloader_idx": k, "images": images, "wall_s": end - begin, "img_s": images / (end - begin),
                         "first_batch_s": mine[0][4] - begin,
                         "steady_img_s": later / (end - mine[0][4]) if later else float("nan")})
+            begin = end
         return out
 
     def window(self, stage: str, run: int = 0, dataloader_idx: Optional[int] = None, skip: int = 1,
@@ -196,9 +217,10 @@ class LoopTimer(pl.Callback):
         ``full_only``, a smaller last batch (a new shape, which may recompile) are left out.
 
         ``img_s``: images / wall time of the window (data waits included); ``step_s``: time inside the steps
-        (batch start -> end); ``other_s``: the rest of the window (waiting for data, device-side batch
-        preparation in ``on_after_batch_transfer``, other callbacks such as the feature writer).
+        (batch start -> end; device time on a GPU); ``other_s``: the rest of the window (waiting for data,
+        device-side batch preparation in ``on_after_batch_transfer``, other callbacks such as the feature writer).
         """
+        self._resolve(stage)
         rows = [b for b in self.batches[stage] if b[0] == run and (dataloader_idx is None or b[1] == dataloader_idx)]
         if full_only and len(rows) > 1 and rows[-1][2] < max(r[2] for r in rows):
             rows = rows[:-1]
@@ -211,6 +233,10 @@ class LoopTimer(pl.Callback):
         step = sum(e - s for s, e in zip(starts[first:], ends[first:]))
         return {"img_s": window_rate(ends, sizes, first), "images": sum(sizes[first:]), "batches": len(rows) - first,
                 "step_s": step, "other_s": wall - step, "window_s": wall}
+
+
+def _on_cuda(pl_module: pl.LightningModule) -> bool:
+    return pl_module is not None and pl_module.device.type == "cuda"
 
 
 class TimedCLI(TransferCLI):

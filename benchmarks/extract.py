@@ -10,8 +10,9 @@ train + val features through the Trainer's predict loop into the on-disk cache (
 Timed with a callback: ``wall_s`` from ``before_fit`` to the start of head training (both splits, cache
 written and merged, warm-up and compilation included); ``img_s`` the steady state of the train split (first
 ``--warmup-batches`` and a smaller last batch left out, data waits included); where the time goes inside that
-window: ``model %`` = inside ``predict_step`` (the backbone), the rest = waiting for the DataLoader
-(decode + resize in CPU workers), the device-side batch preparation and the cache writer. ``loader img/s``:
+window: ``model %`` = inside ``predict_step`` (the backbone; on a GPU its device time, from CUDA events, with no
+synchronisation added to the loop), the rest = waiting for the DataLoader (decode + resize in CPU workers),
+the device-side batch preparation and the cache writer. ``loader img/s``:
 the image DataModule's predict loader alone (no model), from its start, over ``--loader-batches`` batches.
 Keras: ``Resizing`` + ``preprocess_input`` + ``include_top=False, pooling="avg"`` model, ``predict`` over the
 same images, ``np.save`` (see ``_keras.extract``); ``img_s`` is a second, warm ``predict``.
@@ -56,7 +57,7 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
             "--trainer.max_epochs", 0, "--test_after_fit", "false"]
     if spec.get("batch_override"):
         args += ["--data.init_args.batch_size", spec["batch"], "--features.extract_batch_size", spec["batch"]]
-    cli, timer = run_cli(args, sync_batches=True)  # the feature writer's .cpu() synchronises every batch anyway
+    cli, timer = run_cli(args)
     runs = sorted({b[0] for b in timer.batches["predict"]})
     if not runs:
         raise RuntimeError("the predict loop ran no batch: was the cache reused despite features.rebuild?")

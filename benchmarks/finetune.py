@@ -8,9 +8,9 @@ shipped); overridden: data root, image size, backbone, weights file (the Keras r
 val / test split (Keras gets neither), the config's ``LayerwiseUnfreezing`` callback left out (every layer
 trains from the first step, as in the Keras run; the other callbacks stay), ``max_epochs 2``,
 ``test_after_fit false``. Images/s of the second epoch (the first is warm-up: compilation, worker start),
-from a callback that synchronises at epoch boundaries only; ``host wait %``: the share of that epoch the
-training loop spent between steps (waiting for the DataLoader's JPEG decoding, moving the batch, device-side
-batch preparation).
+from a callback that synchronises at epoch boundaries only; ``between steps %``: the share of that epoch spent
+between steps (waiting for the DataLoader's JPEG decoding, moving the batch, device-side batch preparation;
+on a GPU the device's idle time there, from CUDA events).
 Keras: the same backbone (``keras.applications``, ``include_top=False, pooling="avg"``) + the config's dense
 head, ``preprocess_input`` in the model, Adam, ``fit`` for two epochs on the decoded uint8 images held in
 memory (Keras decodes nothing during the timed epoch); images/s of the second epoch.
@@ -56,12 +56,12 @@ def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     per_epoch = len(train) // max(len(epochs), 1)
     last = train[-per_epoch:]
     images = sum(b[2] for b in last)
-    # host time between steps inside the last epoch (DataLoader wait, transfer, on_after_batch_transfer)
-    wait = sum(b[3] - a[4] for a, b in zip(last, last[1:]))
+    # time between steps inside the last epoch (DataLoader wait, transfer, on_after_batch_transfer)
+    wait = sum(b[3] - a[4] for a, b in zip(last, last[1:]))  # device timeline on a GPU (CUDA events)
     return {"env": env_info(cli.trainer), "device": "cuda" if env_info(cli.trainer).get("accelerator") == "cuda"
             else "cpu", "precision": str(cli.trainer.precision), "images": images, "batch": last[0][2],
             "epoch_s": epochs, "first_epoch_s": epochs[0], "img_s": images / epochs[-1],
-            "host_wait_pct": 100 * wait / epochs[-1]}
+            "between_steps_pct": 100 * wait / epochs[-1]}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -125,7 +125,7 @@ def main() -> None:
                         keys=["model", "size"], metric="img_s", unit="img/s", higher_is_better=True,
                         extra=[("ours precision", OURS, "precision", "s"),
                                ("Keras policy", "keras-jax", "policy", "s"),
-                               ("ours host wait %", OURS, "host_wait_pct", ".0f"),
+                               ("ours between steps %", OURS, "between_steps_pct", ".0f"),
                                ("ours first epoch s", OURS, "first_epoch_s", ".1f"),
                                ("Keras-JAX first epoch s", "keras-jax", "first_epoch_s", ".1f")])
         if tmp is not None:

@@ -10,9 +10,9 @@ Keras run's; the dense head is random, as in the Keras run), the inner DataModul
 ``severities``, ``attacks``, ``table auto`` (the config's advice for 224+ px images: ImageNet-C's
 224 or 299 px table). Every perturbation runs where the product runs it (in the
 robustness DataModule's ``on_after_batch_transfer``, on the accelerator). Per test loader: ``img_s`` =
-its images / its wall time (data loading, perturbation or attack, forward pass, metrics), measured with a
-callback that synchronises the device around the first batch of each loader only; ``steady`` leaves that
-first batch (warm-up, compilation) out and is the figure compared with Keras.
+its images / its wall time (data loading, perturbation or attack, forward pass, metrics), from the end of
+the previous loader's last batch to the end of its own (on a GPU: CUDA events, no synchronisation added to
+the loop); ``steady`` leaves its first batch (warm-up, compilation) out and is the figure compared with Keras.
 Keras: the same backbone + a dense head; per loader, ``predict`` on the very arrays ours perturbed (exported
 after the timed run, rounded to uint8: the corruption itself is ours and is NOT timed on the Keras side),
 and for FGSM one compiled function (input gradient of the summed cross-entropy, ``clip(x + eps * sign)``,
@@ -57,7 +57,7 @@ def ours_robustness(spec: Dict[str, Any]) -> Dict[str, Any]:
             "--data.init_args.severities", json.dumps([spec["severity"]]),
             "--data.init_args.attacks", json.dumps(attacks), "--data.init_args.table", "auto",
             "--data.init_args.limit_per_loader", spec["n"]]
-    cli, timer = run_cli(args, sync_batches="edges")
+    cli, timer = run_cli(args)
     rdm = cli.datamodule
     loaders = timer.loader_windows("test")
     for w in loaders:

@@ -129,3 +129,37 @@ def test_finetune_benchmark_trains_every_layer_through_the_cli(tmp_path):
                                 "h5": "null", "data": str(tmp_path / "img"), "size": 32, "batch": 4, "epochs": 2,
                                 "run_dir": str(tmp_path / "runs")})
     assert r["images"] == 16 and r["batch"] == 4 and len(r["epoch_s"]) == 2 and r["img_s"] > 0
+
+
+class _Tiny(__import__("pytorch_lightning").LightningModule):
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.net = torch.nn.Linear(64, 8)
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch[0])
+
+
+@pytest.mark.parametrize("accelerator", [
+    "cpu", pytest.param("gpu", marks=pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA"))])
+def test_loop_timer_batches_are_ordered_times_on_host_and_device(accelerator):
+    import pytorch_lightning as pl
+    import torch
+    from _ours import LoopTimer
+
+    data = torch.utils.data.TensorDataset(torch.randn(40, 64), torch.zeros(40, dtype=torch.long))
+    timer = LoopTimer()
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[timer],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(_Tiny(), torch.utils.data.DataLoader(data, batch_size=8), return_predictions=False)
+    rows = timer.batches["predict"]
+    assert [r[2] for r in rows] == [8] * 5
+    times = [t for r in rows for t in r[3:]]
+    assert all(isinstance(t, float) for t in times) and times == sorted(times)  # CUDA events resolved, in order
+    assert timer.first("start:predict") <= times[0] and times[-1] <= timer.first("end:predict")
+    w = timer.window("predict", skip=1)
+    assert w["images"] == 32 and w["img_s"] > 0 and 0 <= w["step_s"] <= w["window_s"]
+    (loader,) = timer.loader_windows("predict")
+    assert loader["images"] == 40 and loader["steady_img_s"] > 0
