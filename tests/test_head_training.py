@@ -289,3 +289,50 @@ def test_lean_steps_match_eager_steps_cpu(tmp_path, monkeypatch):
     np.testing.assert_allclose(lean, eager, rtol=1e-5, atol=1e-6)
     for k in head_e:
         torch.testing.assert_close(head_l[k], head_e[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden, dropout, opt", [([], 0.3, "adam"), ([16, 8], 0.2, "adamw"), ([16], 0.0, "amsgrad"),
+                                                  ([12], 0.5, "adam-wd")])
+def test_lean_step_equals_autograd_for_every_head_layout(hidden, dropout, opt):
+    """The written-out CPU step against autograd on the same chunks: same losses, logits and weights, for heads
+    without hidden layers (input dropout), with two hidden layers, without dropout; Adam, AdamW, AMSGrad, L2."""
+    from lightning_app.head_steps import lean_blocker
+    from lightning_app.module import build_head
+
+    feats, labels = features(n=70, dim=24)
+    kwargs = {"adam": {}, "adamw": {"weight_decay": 0.05}, "amsgrad": {"amsgrad": True}, "adam-wd": {"weight_decay": 0.01}}
+    cls = torch.optim.AdamW if opt == "adamw" else torch.optim.Adam
+    runs = []
+    for runner_cls in (LeanHeadSteps, EagerHeadSteps):
+        torch.manual_seed(0)
+        head = build_head(24, hidden, dropout, 4).train()
+        optim = cls(head.parameters(), lr=1e-2, fused=True, **kwargs[opt])
+        assert lean_blocker(head, optim) is None
+        runner = (runner_cls(head, 0.05, optim) if runner_cls is LeanHeadSteps
+                  else runner_cls(head, lambda lg, y: F.cross_entropy(lg, y, label_smoothing=0.05), optim))
+        loader = FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)
+        torch.manual_seed(7)
+        losses, logits = [], []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            for chunk in loader:
+                out = runner.run(chunk)
+                losses += out.losses.tolist()
+                logits.append(out.logits)
+        runs.append((losses, torch.cat(logits), {k: v.clone() for k, v in head.state_dict().items()}))
+    (l_lean, lg_lean, w_lean), (l_eager, lg_eager, w_eager) = runs
+    np.testing.assert_allclose(l_lean, l_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lg_lean, lg_eager, rtol=1e-5, atol=1e-5)
+    for k in w_eager:
+        torch.testing.assert_close(w_lean[k], w_eager[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lean_blocker_says_why():
+    from lightning_app.head_steps import lean_blocker
+    from lightning_app.module import build_head
+
+    head = build_head(8, [4], 0.1, 3)
+    assert "SGD" in lean_blocker(head, torch.optim.SGD(head.parameters(), lr=0.1))
+    assert "foreach" in lean_blocker(head, torch.optim.Adam(head.parameters(), foreach=True))
+    assert "Linear" in lean_blocker(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.GELU(), torch.nn.Linear(4, 3)),
+                                    torch.optim.Adam(head.parameters()))
