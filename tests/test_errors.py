@@ -41,7 +41,8 @@ def food_args(tmp_path, root, *extra):
     return ["fit", "--config", str(FOOD), "--data.init_args.root", str(root), "--data.init_args.image_size", "32",
             "--data.init_args.num_workers", "0", "--model.backbone", "test_resnet", "--model.weights", "null",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false", *extra]
+            "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+            *extra]
 
 
 def run_cli_expecting_error(args, capsys, monkeypatch):

@@ -148,6 +148,7 @@ def test_extract_stage_with_augmentation_is_a_logged_decision(tmp_path, monkeypa
                   "--data.init_args.image_size", "32", "--data.init_args.num_workers", "0",
                   "--data.init_args.augment", "true", "--model.backbone", "test_resnet", "--model.weights", "null",
                   "--features.cache_dir", str(tmp_path / "cache"), "--trainer.fast_dev_run", "true",
+                  "--trainer.accelerator", "cpu",
                   "--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false"])
 
 
