@@ -5,13 +5,16 @@ resized to 32 px, a backbone with wide pooled features (``tf_mobilenetv3_small_1
 image), ``extract_features`` (the product's path: Lightning's predict loop, per-rank shard files, merge into the
 memory-mapped cache), then one pass over the cached features as the head-training loader serves them. Reported:
 
-* peak anonymous RSS (``RssAnon`` of ``/proc/self/status``, sampled every 10 ms): memory the process owns;
-  features held in memory would add ``N x 4 KiB`` here;
+* peak anonymous RSS (``RssAnon`` of ``/proc/self/status``, sampled every 10 ms) per phase: memory the process
+  owns; features held in memory would add ``N x 4 KiB`` there. Phases: ``extract`` (predict loop, shards, merge,
+  opening the cache), ``serve memmap`` (one epoch of the head-training loader with ``features.in_memory: false``:
+  rows read from the memory map chunk by chunk), ``serve auto`` (the default ``in_memory: null``: the split is
+  copied to the training device when it takes at most half of its free memory, by design);
 * peak RSS (``VmHWM``): also counts pages of memory-mapped files (the dataset, the cache) that are resident;
-* ``--control``: the same extraction through ``trainer.predict`` with Lightning's default
-  ``return_predictions=True``, which keeps every batch's features: the measurement must see that growth.
+* ``--control``: the extraction through ``trainer.predict`` with Lightning's default ``return_predictions=True``,
+  which keeps every batch's features: the measurement must see that growth.
 
-    python benchmarks/extract_memory.py [--sizes 2000 8000 32000] [--control]
+    python benchmarks/extract_memory.py [--sizes 2000 8000 32000] [--control 2000 8000]
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ def worker(n: int, control: bool, batch_size: int, workdir: Path) -> Dict[str, f
 
     sys.path.insert(0, str(ROOT))
     from lightning_app.data import ArrayDataModule
+    from lightning_app.data.feature_loader import FeatureLoader
     from lightning_app.data.features import FeatureExtractor, prepare_feature_datamodule
     from lightning_app.module import TransferModule
 
@@ -91,26 +95,33 @@ def worker(n: int, control: bool, batch_size: int, workdir: Path) -> Dict[str, f
                          enable_model_summary=False, enable_checkpointing=False)
     base_anon = _status_kib("RssAnon") / 1024
     start = time.perf_counter()
-    with PeakAnon() as peak:
-        if control:
-            dm.predict_split = "train"
+    row = {"images": n, "feature_dim": model.num_features, "anon_before_mib": base_anon}
+    if control:
+        dm.predict_split = "train"
+        with PeakAnon() as peak:
             out = trainer.predict(FeatureExtractor(model.feature_extractor()), datamodule=dm)
-            rows = sum(len(o) for o in out)
-        else:
-            fdm = prepare_feature_datamodule(trainer, model, dm, splits=("train",), cache_dir=workdir / "cache")
-            rows = 0
-            for batch in fdm.train_dataloader():  # serve every cached row once, as head training does
-                rows += len(batch[0])
-    return {"images": n, "rows": rows, "feature_dim": model.num_features, "seconds": time.perf_counter() - start,
-            "anon_before_mib": base_anon, "peak_anon_mib": peak.peak, "peak_rss_mib": _status_kib("VmHWM") / 1024,
-            "mode": "control: return_predictions=True" if control else "feature cache"}
+        row.update(mode="control: return_predictions=True", rows=sum(len(o) for o in out), extract_mib=peak.peak)
+    else:
+        with PeakAnon() as peak:
+            fdm = prepare_feature_datamodule(trainer, model, dm, splits=("train",), cache_dir=workdir / "cache",
+                                             in_memory=False)
+        row.update(mode="feature cache", rows=len(fdm.sets["train"]), extract_mib=peak.peak)
+        fs = fdm.sets["train"]
+        for name, resident in (("serve_memmap_mib", False), ("serve_auto_mib", None)):
+            with PeakAnon() as peak:  # one epoch, as head training reads it (features.in_memory false / null)
+                for _ in FeatureLoader(fs.features, fs.labels, batch_size, resident=resident):
+                    pass
+            row[name] = peak.peak
+    row.update(seconds=time.perf_counter() - start, peak_rss_mib=_status_kib("VmHWM") / 1024)
+    return row
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--control", action="store_true", help="also run Lightning's default return_predictions=True")
+    p.add_argument("--control", type=int, nargs="*", default=[], metavar="N",
+                   help="sizes to also run with Lightning's default return_predictions=True")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-control", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -119,8 +130,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps(worker(args.worker, args.worker_control, args.batch_size, Path(args.workdir))))
         return
     rows = []
-    for control in ([False, True] if args.control else [False]):
-        for n in args.sizes:
+    for control, sizes in ((False, args.sizes), (True, args.control)):
+        for n in sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, __file__, "--worker", str(n), "--workdir", tmp, "--batch-size", str(args.batch_size)]
                 if control:
@@ -131,12 +142,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n| mode | images | feature bytes | peak anon MiB (before) | peak RSS MiB | seconds |")
-    print("|---|---|---|---|---|---|")
+    def mib(r, key):
+        return f"{r[key]:.0f}" if key in r else "-"
+
+    print("\n| mode | images | feature bytes | anon before | peak anon: extract | serve memmap | serve auto "
+          "| peak RSS | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fbytes = r["rows"] * r["feature_dim"] * 4 / 2**20
-        print(f"| {r['mode']} | {r['images']:,} | {fbytes:.0f} MiB | {r['peak_anon_mib']:.0f} ({r['anon_before_mib']:.0f}) "
-              f"| {r['peak_rss_mib']:.0f} | {r['seconds']:.1f} |")
+        print(f"| {r['mode']} | {r['images']:,} | {fbytes:.0f} MiB | {r['anon_before_mib']:.0f} | {mib(r, 'extract_mib')} "
+              f"| {mib(r, 'serve_memmap_mib')} | {mib(r, 'serve_auto_mib')} | {r['peak_rss_mib']:.0f} "
+              f"| {r['seconds']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _severity_axis(ax, ylabel: bool) -> None:
     ax.set_xticks(list(_SEVERITY_TICKS[0]))
     ax.set_xticklabels(_SEVERITY_TICKS[1])
     ax.set_xlim(-0.2, 5.2)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(-0.02, 1.02)  # an accuracy of 0 (a strong attack) stays visible above the axis
     ax.set_xlabel("severity")
     if ylabel:
         ax.set_ylabel("top-1 accuracy")
