@@ -89,7 +89,33 @@ def build_keras_model(spec: KerasModelSpec, include_top: bool, input_size: int |
     if include_top:
         kwargs["classifier_activation"] = None
     kwargs.update(spec.keras_kwargs)
-    return getattr(keras.applications, spec.application)(**kwargs)
+    try:
+        return getattr(keras.applications, spec.application)(**kwargs)
+    except ValueError as err:
+        fallback = _TORCH_BACKEND_FALLBACKS.get(spec.application)
+        if fallback is None or "torch backend" not in str(err):
+            raise
+        return fallback()(**kwargs)
+
+
+def _nasnet_mobile():
+    """Keras's ``NASNetMobile`` graph through its generic builder ``nasnet.NASNet``, with its arguments.
+
+    Keras <= 3.15 refuses ``NASNetMobile`` on the torch backend ("outstanding bug", keras-team/keras
+    #18451: pretrained predictions were wrong); keras-team/keras#23177 removed the guard upstream. With
+    the installed Keras the graph it builds agrees with ``NASNetMobile`` on the JAX and TensorFlow
+    backends (same random weights: 4.3e-6 / 3.5e-6 relative logits), so it serves as the reference.
+    """
+    import functools
+
+    from keras.src.applications import nasnet
+
+    return functools.partial(nasnet.NASNet, penultimate_filters=1056, num_blocks=4, stem_block_filters=32,
+                             skip_reduction=False, filter_multiplier=2, default_size=224, name="nasnet_mobile")
+
+
+#: applications that Keras refuses to build on the torch backend -> the same graph built another way
+_TORCH_BACKEND_FALLBACKS = {"NASNetMobile": _nasnet_mobile}
 
 
 def top_and_features(spec: KerasModelSpec, input_size: int | None = None) -> Tuple[object, object]:
