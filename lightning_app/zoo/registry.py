@@ -115,6 +115,7 @@ class SizeVariant:
     files: KerasFiles
     top1: Optional[float] = None
     parity: bool = False
+    top5: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class ZooEntry:
     mapping: Callable[[KerasLayers, bool], StateDict] = field(repr=False, compare=False)
     first_conv: str  # timm parameter prefix of the first conv (where a BGR flip is folded)
     top1: Optional[float]  # published Keras ImageNet top-1 (%), None if unpublished
+    top5: Optional[float] = None  # published Keras ImageNet top-5 (%), None if unpublished
+    published_size: Optional[int] = None  # input size of the published figures when not the native size
     keras_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"alpha": 0.35}
     builtin_preprocessing: bool = False  # Keras normalises inside the model (EfficientNet, ConvNeXt, ...)
     manifest: str = ""  # manifest name (default: keras_name); size variants share their model's
@@ -233,6 +236,8 @@ def keras_application(
     parity_float64: bool = False,
     cfg: Optional[Mapping[str, Any]] = None,
     legacy_layer_name: Optional[Callable[[str], str]] = None,
+    top5: Optional[float] = None,
+    published_size: Optional[int] = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated timm model function as the Keras model ``name`` (place it right under
     ``@register_model``).
@@ -255,6 +260,8 @@ def keras_application(
         legacy_layer_name: ``name -> Keras 3 name`` for official files saved by an older Keras that named
             layers otherwise (MobileNetV3's ``expanded_conv/depthwise/BatchNorm``); the converter's name check
             compares the mapped names.
+        top5: published Keras ImageNet top-5 (%). published_size: the input size the published figures
+            were measured at, when not ``size`` (ResNetV2: 299); ``python -m converters evaluate`` says so.
     """
     application = application or name
     keras_kwargs = dict(keras_kwargs or {})
@@ -272,7 +279,7 @@ def keras_application(
             mapping=mapping, first_conv=first_conv, top1=top1, keras_kwargs=keras_kwargs,
             builtin_preprocessing=builtin_preprocessing, manifest=name, variant_of=variant_of,
             parity=variant_of is None if parity is None else parity, parity_float64=parity_float64, family=family,
-            legacy_layer_name=legacy_layer_name,
+            legacy_layer_name=legacy_layer_name, top5=top5, published_size=published_size,
         )
         _add(entry, by_arch=True)
         for variant in sizes:
@@ -281,7 +288,7 @@ def keras_application(
                 input_size=variant.size, mode=mode, files=variant.files, mapping=mapping, first_conv=first_conv,
                 top1=variant.top1, keras_kwargs=keras_kwargs, builtin_preprocessing=builtin_preprocessing,
                 manifest=name, variant_of=application, parity=variant.parity, family=family,
-                legacy_layer_name=legacy_layer_name,
+                legacy_layer_name=legacy_layer_name, top5=variant.top5,
             ), by_arch=False)
         module = sys.modules[fn.__module__]
         default_cfgs = module.__dict__.setdefault("default_cfgs", {})
