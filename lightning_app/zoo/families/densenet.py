@@ -59,7 +59,25 @@ _KERAS = dict(mode="torch", mapping=to_timm, first_conv="features.conv0", classi
 
 
 @register_model
-@keras_application("DenseNet201", size=224, top1=77.3, **_KERAS,
+@keras_application("DenseNet121", size=224, top1=74.972, top5=92.258, **_KERAS,
+                   files=tf_kernels("densenet/densenet121",
+                                    "9d60b8095a5708f2dcce2bca79d332c7", "30ee3e1110167f948a6b9946edeeb738"))
+def keras_densenet121(pretrained: bool = False, **kwargs) -> DenseNet:
+    """Keras ``DenseNet121``."""
+    return _create("keras_densenet121", (6, 12, 24, 16), pretrained, **kwargs)
+
+
+@register_model
+@keras_application("DenseNet169", size=224, top1=76.176, top5=93.176, **_KERAS,
+                   files=tf_kernels("densenet/densenet169",
+                                    "d699b8f76981ab1b30698df4c175e90b", "b8c4d4c20dd625c148057b9ff1c1176b"))
+def keras_densenet169(pretrained: bool = False, **kwargs) -> DenseNet:
+    """Keras ``DenseNet169``."""
+    return _create("keras_densenet169", (6, 12, 32, 32), pretrained, **kwargs)
+
+
+@register_model
+@keras_application("DenseNet201", size=224, top1=77.320, top5=93.620, **_KERAS,
                    files=tf_kernels("densenet/densenet201",
                                     "1ceb130c1ea1b78c3bf6114dbdfd8807", "c13680b51ded0fb44dff2d8f86ac8bb1"))
 def keras_densenet201(pretrained: bool = False, **kwargs) -> DenseNet:

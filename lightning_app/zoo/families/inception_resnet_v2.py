@@ -74,7 +74,8 @@ def to_timm(layers: KerasLayers, include_top: bool) -> dict:
 
 
 @register_model
-@keras_application("InceptionResNetV2", size=299, mode="tf", top1=80.3, mapping=to_timm,
+@keras_application("InceptionResNetV2", size=299, mode="tf", top1=80.256, top5=95.252,
+                   mapping=to_timm,
                    files=tf_kernels("inception_resnet_v2/inception_resnet_v2",
                                     "e693bd0210a403b3192acc6073ad2e96", "d19885ff4a710c122648d3b5c3b684e4"),
                    first_conv="conv2d_1a.conv", classifier="classif", cfg=dict(pool_size=(8, 8)))

@@ -125,7 +125,8 @@ def to_timm(layers: KerasLayers, include_top: bool) -> dict:
 
 
 @register_model
-@keras_application("InceptionV3", size=299, mode="tf", top1=77.9, mapping=to_timm,
+@keras_application("InceptionV3", size=299, mode="tf", top1=77.898, top5=93.720,
+                   mapping=to_timm,
                    files=tf_kernels("inception_v3/inception_v3",
                                     "9a0d58056eeedaa3f26cb7ebd46da564", "bcbd6486424b2319ff4ef7d526e38f63"),
                    first_conv="Conv2d_1a_3x3.conv", classifier="fc", cfg=dict(pool_size=(8, 8)),

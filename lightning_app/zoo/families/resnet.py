@@ -70,7 +70,7 @@ _KERAS = dict(mode="caffe", mapping=to_timm, first_conv="conv1", classifier="fc"
 
 
 @register_model
-@keras_application("ResNet50", size=224, top1=74.9, **_KERAS,
+@keras_application("ResNet50", size=224, top1=74.928, top5=92.060, **_KERAS,
                    files=tf_kernels("resnet/resnet50", "2cb95161c43110f7111970584f804107",
                                     "4d473c1dd8becc155b73f8504c6f6626"))
 def keras_resnet50(pretrained: bool = False, **kwargs) -> ResNet:

@@ -230,19 +230,26 @@ _KERAS = dict(mode="tf", mapping=to_timm, first_conv="stem.conv", classifier="he
 
 
 @register_model
+@keras_application("ResNet50V2", size=224, top1=75.960, top5=93.034, published_size=299, **_KERAS,
+                   files=tf_kernels("resnet/resnet50v2", "3ef43a0b657b3be2300d5770ece849e0",
+                                    "fac2f116257151a9d068a22e544a4917"))
 def keras_resnet50v2(pretrained: bool = False, **kwargs) -> KerasResNetV2:
-    """Keras ``ResNet50V2`` (not in the zoo yet)."""
+    """Keras ``ResNet50V2``."""
     return _create("keras_resnet50v2", (3, 4, 6, 3), pretrained, **kwargs)
 
 
 @register_model
+@keras_application("ResNet101V2", size=224, top1=77.234, top5=93.816, published_size=299, **_KERAS,
+                   files=tf_kernels("resnet/resnet101v2", "6343647c601c52e1368623803854d971",
+                                    "c0ed64b8031c3730f411d2eb4eea35b5"))
 def keras_resnet101v2(pretrained: bool = False, **kwargs) -> KerasResNetV2:
-    """Keras ``ResNet101V2`` (not in the zoo yet)."""
+    """Keras ``ResNet101V2``."""
     return _create("keras_resnet101v2", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
-@keras_application("ResNet152V2", size=224, top1=78.0, **_KERAS, parity_float64=True,
+@keras_application("ResNet152V2", size=224, top1=78.032, top5=94.162, published_size=299,
+                   **_KERAS, parity_float64=True,
                    files=tf_kernels("resnet/resnet152v2", "a49b44d1979771252814e80f8ec446f9",
                                     "ed17cf2e0169df9d443503ef94b23b33"))
 def keras_resnet152v2(pretrained: bool = False, **kwargs) -> KerasResNetV2:

@@ -157,7 +157,7 @@ _KERAS = dict(mode="caffe", mapping=to_timm, first_conv="features.0", classifier
 
 
 @register_model
-@keras_application("VGG16", size=224, top1=71.3, **_KERAS,
+@keras_application("VGG16", size=224, top1=71.268, top5=90.050, **_KERAS,
                    files=tf_kernels("vgg16/vgg16", "64373286793e3c8b2b4e3219cbf3544b", "6d6bbae143d832006294945121d1f1fc"))
 def keras_vgg16(pretrained: bool = False, **kwargs: Any) -> KerasVGG:
     """Keras ``VGG16``."""
@@ -165,6 +165,8 @@ def keras_vgg16(pretrained: bool = False, **kwargs: Any) -> KerasVGG:
 
 
 @register_model
+@keras_application("VGG19", size=224, top1=71.256, top5=89.988, **_KERAS,
+                   files=tf_kernels("vgg19/vgg19", "cbe5617147190e668d6c5d5026f83318", "253f8cb515780f3b799900260a226db6"))
 def keras_vgg19(pretrained: bool = False, **kwargs: Any) -> KerasVGG:
-    """Keras ``VGG19`` (same layout as VGG16; ``to_timm`` handles both). Not in the zoo yet."""
+    """Keras ``VGG19`` (same layout as VGG16; ``to_timm`` handles both)."""
     return _create("keras_vgg19", pretrained, **kwargs)

@@ -96,7 +96,7 @@ def to_timm(layers: KerasLayers, include_top: bool) -> dict:
 
 
 @register_model
-@keras_application("Xception", size=299, mode="tf", top1=79.0, mapping=to_timm,
+@keras_application("Xception", size=299, mode="tf", top1=79.006, top5=94.452, mapping=to_timm,
                    files=tf_kernels("xception/xception",
                                     "0a58e3b7378bc2990ea3b43d5981f1f6", "b0042744bf5b25fce3cb969f33bebb97"),
                    first_conv="conv1", classifier="fc", cfg=dict(pool_size=(10, 10)))
