@@ -9,7 +9,8 @@
 #
 # Files in $OUT (default ./bench-out): gpu_tests.log and gpu_tests_outcomes.log (tests), extract.json, head.json,
 # finetune.json, robustness.json, bench.log (every benchmark's full output), summary.md. Benchmark time limits
-# (seconds) can be set from the environment: EXTRACT_TIMEOUT HEAD_TIMEOUT FINETUNE_TIMEOUT ROBUSTNESS_TIMEOUT.
+# (seconds) can be set from the environment: EXTRACT_TIMEOUT HEAD_TIMEOUT FINETUNE_TIMEOUT ROBUSTNESS_TIMEOUT;
+# GPU_TEST_ARGS passes pytest arguments to the tests (e.g. "--ignore tests/test_parity.py" on a short lease).
 # The GPU machine has no TensorFlow: the Keras reference there is Keras-JAX (mixed_bfloat16 where ours runs bf16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,8 @@ EOF
 # 1. the test suite first (.ci/gpu_tests.sh: its own log files in $OUT and its own time budget, GPU_TEST_BUDGET)
 if [[ $TESTS == 1 && -f .ci/gpu_tests.sh ]]; then
   echo "== tests: bash .ci/gpu_tests.sh (budget ${GPU_TEST_BUDGET:-285} s)"
-  OUT=$OUT bash .ci/gpu_tests.sh 2>&1 | grep -E "passed|failed|error|FAILED|ERROR|exit code|workers|cpus" | tail -40
+  # shellcheck disable=SC2086
+  OUT=$OUT bash .ci/gpu_tests.sh ${GPU_TEST_ARGS:-} 2>&1 | grep -E "passed|failed|error|FAILED|ERROR|exit code|workers|cpus" | tail -40
   echo "tests done ($(elapsed) s so far)"
 elif [[ $TESTS == 1 ]]; then
   echo "== no .ci/gpu_tests.sh: tests skipped"
