@@ -88,6 +88,8 @@ def build_keras_model(spec: KerasModelSpec, include_top: bool, input_size: int |
     kwargs = dict(weights=None, include_top=include_top, input_shape=(size, size, 3))
     if include_top:
         kwargs["classifier_activation"] = None
+    elif getattr(spec, "keras_pooled_notop", None) is not None:
+        kwargs["pooling"] = "avg"  # the notop reference is pooled (see converters.spec)
     kwargs.update(spec.keras_kwargs)
     try:
         return getattr(keras.applications, spec.application)(**kwargs)
@@ -122,11 +124,16 @@ def top_and_features(spec: KerasModelSpec, input_size: int | None = None) -> Tup
     """The Keras top model and, sharing its layers, the notop feature model (``include_top=False``).
 
     The notop model ends at the manifest's ``notop_output`` layer (where Keras's
-    ``include_top=False`` model ends), so one build serves both.
+    ``include_top=False`` model ends), so one build serves both; where the spec has
+    ``keras_pooled_notop`` (no such cut exists), that function builds the notop output on the top's layers.
     """
     from converters.manifest import load_manifest
 
     keras = import_keras()
     top = build_keras_model(spec, True, input_size)
-    output = top.get_layer(load_manifest(spec.manifest_path)["notop_output"]).output
+    pooled_notop = getattr(spec, "keras_pooled_notop", None)
+    if pooled_notop is not None:
+        output = pooled_notop(top)
+    else:
+        output = top.get_layer(load_manifest(spec.manifest_path)["notop_output"]).output
     return top, keras.Model(top.inputs, output, name=f"{spec.keras_name}_notop")

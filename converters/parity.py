@@ -79,7 +79,10 @@ def sample_images(size: int, count: int = 2) -> np.ndarray:
 
 
 def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasModelSpec, seed: int = 0) -> None:
-    """Non-trivial weights: random biases and BN affine, BN statistics calibrated on a batch."""
+    """Non-trivial weights: random biases and BN / LayerNorm affine, BN statistics calibrated on a batch.
+
+    Layer scales (ConvNeXt's ``LayerScale.gamma``, initialised to 1e-6, its variable auto-named) are drawn
+    like BN gammas, so the residual branches they scale take part in the output."""
     keras = import_keras()
     rng = np.random.default_rng(seed)
     batchnorms = []
@@ -89,7 +92,7 @@ def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasMode
             shape = tuple(variable.shape)
             if role == "bias":
                 variable.assign(rng.normal(0.0, 0.1, shape).astype("float32"))
-            elif role == "gamma":
+            elif role == "gamma" or variable is getattr(layer, "gamma", None):  # incl. auto-named LayerScale
                 variable.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
             elif role == "beta":
                 variable.assign(rng.normal(0.0, 0.2, shape).astype("float32"))
@@ -145,12 +148,13 @@ def _normalise(images01: np.ndarray, spec: KerasModelSpec, dtype: torch.dtype) -
 @torch.no_grad()
 def timm_outputs(model: torch.nn.Module, images01: np.ndarray, entry: KerasModelSpec, include_top: bool
                  ) -> np.ndarray:
-    """Our model on [0, 1] RGB input normalised with the entry's (mean, std): logits, or NHWC features."""
+    """Our model on [0, 1] RGB input normalised with the entry's (mean, std): logits, or NHWC features (pooled
+    features where the entry compares Keras's pooled notop output: ``keras_pooled_notop``)."""
     dtype = next(model.parameters()).dtype
     x = _normalise(images01, entry, dtype)
     model.eval()
-    if include_top:
-        return model(x).numpy()
+    if include_top or getattr(entry, "keras_pooled_notop", None) is not None:
+        return model(x).numpy()  # logits, or pooled features (num_classes=0) against Keras pooling="avg"
     return model.forward_features(x).permute(0, 2, 3, 1).numpy()
 
 

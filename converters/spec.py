@@ -35,6 +35,10 @@ class KerasModelSpec(Protocol):
 
     # Optional: ``legacy_layer_name(name) -> str``, the Keras 3 name of a layer as an older Keras named it in
     # the official files (``converters.align.check_names``); absent or None: names are compared as they are.
+    # Optional: ``keras_pooled_notop(keras_top_model) -> keras tensor``, Keras's ``include_top=False,
+    # pooling="avg"`` output built on the top model's layers, for models whose notop model is no cut of the top
+    # model (ConvNeXt appends its own LayerNormalization, which does not commute with pooling). With it, the
+    # Keras notop reference is ``pooling="avg"`` and ours is ``model(x)`` with ``num_classes=0`` (``parity``).
 
     def to_timm(self, layers: KerasLayers, include_top: bool) -> StateDict:
         """Keras layers (manifest names) -> timm state dict."""

@@ -145,6 +145,9 @@ class ZooEntry:
     family: str = ""  # the family module that registered it
     #: Keras 3 name of a layer as an older Keras named it in the official files (the name check), or None
     legacy_layer_name: Optional[Callable[[str], str]] = field(default=None, repr=False, compare=False)
+    #: ``f(keras_top_model) -> tensor``: Keras's ``include_top=False, pooling="avg"`` output built on the top
+    #: model's layers, for models whose notop model is no cut of the top one (ConvNeXt); see ``converters.spec``
+    keras_pooled_notop: Optional[Callable[[Any], Any]] = field(default=None, repr=False, compare=False)
 
     # --- derived ---------------------------------------------------------------------------------
     @property
@@ -238,6 +241,7 @@ def keras_application(
     legacy_layer_name: Optional[Callable[[str], str]] = None,
     top5: Optional[float] = None,
     published_size: Optional[int] = None,
+    keras_pooled_notop: Optional[Callable[[Any], Any]] = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated timm model function as the Keras model ``name`` (place it right under
     ``@register_model``).
@@ -262,6 +266,9 @@ def keras_application(
             compares the mapped names.
         top5: published Keras ImageNet top-5 (%). published_size: the input size the published figures
             were measured at, when not ``size`` (ResNetV2: 299); ``python -m converters evaluate`` says so.
+        keras_pooled_notop: ``f(keras_top_model) -> tensor``, Keras's ``include_top=False, pooling="avg"``
+            output on the top model's layers, where Keras's notop model is no cut of the top one (ConvNeXt
+            appends its own LayerNormalization); its parity check compares pooled features.
     """
     application = application or name
     keras_kwargs = dict(keras_kwargs or {})
@@ -280,6 +287,7 @@ def keras_application(
             builtin_preprocessing=builtin_preprocessing, manifest=name, variant_of=variant_of,
             parity=variant_of is None if parity is None else parity, parity_float64=parity_float64, family=family,
             legacy_layer_name=legacy_layer_name, top5=top5, published_size=published_size,
+            keras_pooled_notop=keras_pooled_notop,
         )
         _add(entry, by_arch=True)
         for variant in sizes:
@@ -288,7 +296,7 @@ def keras_application(
                 input_size=variant.size, mode=mode, files=variant.files, mapping=mapping, first_conv=first_conv,
                 top1=variant.top1, keras_kwargs=keras_kwargs, builtin_preprocessing=builtin_preprocessing,
                 manifest=name, variant_of=application, parity=variant.parity, family=family,
-                legacy_layer_name=legacy_layer_name, top5=variant.top5,
+                legacy_layer_name=legacy_layer_name, top5=variant.top5, keras_pooled_notop=keras_pooled_notop,
             ), by_arch=False)
         module = sys.modules[fn.__module__]
         default_cfgs = module.__dict__.setdefault("default_cfgs", {})
