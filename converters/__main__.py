@@ -1,4 +1,4 @@
-"""``python -m converters {list,convert,verify,manifest}``.
+"""``python -m converters {list,convert,verify,manifest,evaluate}``.
 
 The command line looks models up in the zoo, so it lives with the zoo (``lightning_app.zoo.cli``);
 this entry point only forwards there. The ``converters`` library modules never import ``lightning_app``.

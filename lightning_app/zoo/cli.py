@@ -1,4 +1,4 @@
-"""``python -m converters {list,convert,verify,manifest}``: the converter's command line, on the zoo.
+"""``python -m converters {list,convert,verify,manifest,evaluate}``: the converter's command line, on the zoo.
 
 The one front end that looks models up in the zoo; the ``converters`` library itself never
 imports ``lightning_app`` (``converters/__main__.py`` only forwards here).
@@ -136,6 +136,15 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from lightning_app.zoo.evaluate import evaluate, format_result
+
+    result = evaluate(args.model, args.data, class_index=args.class_index, weights=args.weights, size=args.size,
+                      crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers, device=args.device)
+    print(format_result(result))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import lightning_app.zoo  # noqa: F401  (registers the families)
 
@@ -158,9 +167,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also run Keras and ours in float64 on the same random weights (tolerance 1e-9)")
     p = sub.add_parser("manifest", help="regenerate layer manifests from Keras (developers)")
     p.add_argument("--model", action="append", help="zoo name (repeatable); default: every model")
+    p = sub.add_parser("evaluate", help="ImageNet top-1 / top-5 on a validation folder, beside Keras's published figures")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, type=Path, help="folder with one subfolder per class (WordNet id or index)")
+    p.add_argument("--class-index", type=Path, default=None,
+                   help="Keras's imagenet_class_index.json (default: Keras's cached copy, if any)")
+    p.add_argument("--weights", default="imagenet", help="'imagenet' (default), a converted .safetensors or a Keras .h5")
+    p.add_argument("--size", type=int, default=None, help="input size (default: the model's native size)")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="centre crop / resized shorter side (default 0.875)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="image decoding processes (default 4)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or LIGHTNING_APP_DEBUG=1)")
     args = parser.parse_args(argv)
-    commands = {"list": _cmd_list, "convert": _cmd_convert, "verify": _cmd_verify, "manifest": _cmd_manifest}
+    commands = {"list": _cmd_list, "convert": _cmd_convert, "verify": _cmd_verify, "manifest": _cmd_manifest,
+                "evaluate": _cmd_evaluate}
     try:
         return commands[args.command](args)
     except (UserError, FileNotFoundError, ImportError) as err:
