@@ -59,9 +59,9 @@ def build_manifest(spec: KerasModelSpec) -> Dict[str, Any]:
     ``notop_output``, the layer where the notop model ends (the parity harness cuts the top model there)."""
     from converters.keras_models import build_keras_model
 
-    notop = build_keras_model(spec, False)
+    notop = build_keras_model(spec, False, initialise=False)
     manifest = {"notop": manifest_from_keras_model(notop), "notop_output": output_layer_name(notop)}
-    manifest["top"] = manifest_from_keras_model(build_keras_model(spec, True))
+    manifest["top"] = manifest_from_keras_model(build_keras_model(spec, True, initialise=False))
     return manifest
 
 

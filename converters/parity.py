@@ -99,8 +99,9 @@ def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasMode
         if isinstance(layer, keras.layers.BatchNormalization):
             batchnorms.append((layer, layer.momentum))
             layer.momentum = 0.0  # one training-mode pass sets moving stats to the batch stats
-    with torch.no_grad():
-        model(keras_preprocess(calibration_images, spec), training=True)
+    if batchnorms:  # without BatchNorm (ConvNeXt) a training-mode pass changes nothing
+        with torch.no_grad():
+            model(keras_preprocess(calibration_images, spec), training=True)
     for layer, momentum in batchnorms:
         layer.momentum = momentum
 
@@ -211,12 +212,14 @@ class ParityCase:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _keras_top_and_notop(spec: KerasModelSpec, size: int) -> Tuple[object, object, object]:
-    """(top, notop, both): the notop model shares the top model's layers; ``both`` outputs [features, logits]."""
+def _keras_top_and_notop(spec: KerasModelSpec, size: int, initialise: bool = True) -> Tuple[object, object, object]:
+    """(top, notop, both): the notop model shares the top model's layers; ``both`` outputs [features, logits].
+
+    ``initialise=False``: zero variables, for weights loaded right after."""
     from converters.keras_models import top_and_features
 
     keras = import_keras()
-    top, features = top_and_features(spec, size)
+    top, features = top_and_features(spec, size, initialise=initialise)
     both = keras.Model(top.inputs, [features.outputs[0], top.outputs[0]], name=f"{spec.keras_name}_both")
     return top, features, both
 
@@ -260,8 +263,10 @@ def check_case_float64(case: ParityCase, load_model: ModelLoader = load_into_tim
 
     keras = import_keras()
     with keras_floatx("float64"):
-        top, _, both = _keras_top_and_notop(case.spec, case.input_size)
+        top, features, both = _keras_top_and_notop(case.spec, case.input_size, initialise=False)
         top.load_weights(str(case.h5[True]))
+        if getattr(case.spec, "keras_pooled_notop", None) is not None:  # its own final layer, not in the top
+            features.load_weights(str(case.h5[False]))
         keras_features, keras_logits = keras_outputs(both, case.images.astype(np.float64), case.spec)
     keras.utils.clear_session()
     keras_out = {True: keras_logits, False: keras_features}
@@ -295,7 +300,7 @@ def verify_file(entry: KerasModelSpec, h5_path: os.PathLike | str, input_size: O
 
     converted = convert(entry, h5_path)
     size = input_size or entry.input_size
-    keras_model = build_keras_model(entry, converted.include_top, size)
+    keras_model = build_keras_model(entry, converted.include_top, size, initialise=False)
     keras_model.load_weights(str(h5_path))
     images = sample_images(size, num_images)
     with tempfile.TemporaryDirectory() as tmp:
