@@ -32,15 +32,17 @@ reduction (``adjust_conv_1/2`` + ``adjust_bn`` -> ``path_1.conv``, ``path_2.conv
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from functools import partial
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
+from timm.layers import ConvNormAct, create_classifier, to_2tuple
 from timm.layers.padding import pad_same
 from timm.models import build_model_with_cfg, register_model
-from timm.models.nasnet import NASNetALarge
+from timm.models.nasnet import (CellStem0, CellStem1, FirstCell, NASNetALarge, NormalCell, ReductionCell0,
+                                ReductionCell1)
 
 from converters.builder import StateDictBuilder
 from converters.spec import KerasLayers
@@ -70,21 +72,120 @@ class ZeroPadMaxPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=same(zeros)"
 
 
+def _keras_pools_and_norms(model: nn.Module) -> None:
+    """Keras's zero-padded stride-2 max pools in the stem and reduction cells; Keras BatchNorm eps / momentum."""
+    for cell_name in _REDUCTION_CELLS:
+        cell = getattr(model, cell_name)
+        for pool_name in _STRIDED_MAX_POOLS:
+            pool = getattr(cell, pool_name)
+            setattr(cell, pool_name, ZeroPadMaxPool2d(pool.kernel_size, pool.stride))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = KERAS_BN_EPS
+            module.momentum = KERAS_BN_MOMENTUM
+
+
 class KerasNASNetALarge(NASNetALarge):
     """timm ``NASNetALarge`` with Keras's zero-padded stride-2 max pools and BatchNorm momentum."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("pad_type", "same")
         super().__init__(**kwargs)
-        for cell_name in _REDUCTION_CELLS:
-            cell = getattr(self, cell_name)
-            for pool_name in _STRIDED_MAX_POOLS:
-                pool = getattr(cell, pool_name)
-                setattr(cell, pool_name, ZeroPadMaxPool2d(pool.kernel_size, pool.stride))
-        for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eps = KERAS_BN_EPS
-                module.momentum = KERAS_BN_MOMENTUM
+        _keras_pools_and_norms(self)
+
+
+class KerasNASNetA(nn.Module):
+    """Keras ``nasnet.NASNet`` with ``num_blocks`` normal cells per stage, built from timm's NASNet-A cells.
+
+    timm's ``NASNetALarge`` hardcodes 6 cells per stage and Keras's ``skip_reduction=True`` (the
+    cell after a reduction cell takes the input of the cell before it as its previous input);
+    Keras NASNetMobile has 4 cells per stage and ``skip_reduction=False`` (that previous input
+    is the reduction cell's own input). Same cells, same module names as ``NASNetALarge``
+    (``conv0``, ``cell_stem_0/1``, ``cell_<i>``, ``reduction_cell_0/1``, ``last_linear``), so one
+    weight mapping serves both. Channels: ``num_features // 24`` filters in the first stage,
+    doubled per stage (Keras ``filter_multiplier=2``).
+
+    Shapes: ``(N, in_chans, H, W)`` -> features ``(N, num_features, H/32, W/32)`` -> logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, stem_size: int = 32, num_blocks: int = 4,
+                 num_features: int = 1056, skip_reduction: bool = False, drop_rate: float = 0.0,
+                 global_pool: str = "avg", pad_type: str = "same", output_stride: int = 32, device=None, dtype=None):
+        super().__init__()
+        if output_stride != 32:
+            raise ValueError(f"KerasNASNetA supports output_stride=32 only, got {output_stride}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_classes, self.num_features, self.skip_reduction = num_classes, num_features, skip_reduction
+        filters = num_features // 24
+        self.conv0 = ConvNormAct(in_chans, stem_size, kernel_size=3, padding=0, stride=2, apply_act=False,
+                                 norm_layer=partial(nn.BatchNorm2d, eps=KERAS_BN_EPS), **dd)
+        self.cell_stem_0 = CellStem0(stem_size, num_channels=filters // 4, pad_type=pad_type, **dd)
+        self.cell_stem_1 = CellStem1(stem_size, num_channels=filters // 2, pad_type=pad_type, **dd)
+        self.feature_info = [dict(num_chs=stem_size, reduction=2, module="conv0"),
+                             dict(num_chs=filters, reduction=4, module="cell_stem_1.conv_1x1.act")]
+        self.cell_names = []  # after the stems, in forward order
+        prev_chs, chs, index = filters, 2 * filters, 0  # outputs of cell_stem_0 and cell_stem_1
+        for stage, reduction_cls in enumerate((ReductionCell0, ReductionCell1, None)):
+            width = filters * 2 ** stage
+            for block in range(num_blocks):
+                cell = (FirstCell(prev_chs, width // 2, chs, width, pad_type=pad_type, **dd) if block == 0
+                        else NormalCell(prev_chs, width, chs, width, pad_type=pad_type, **dd))
+                self._add_cell(f"cell_{index}", cell)
+                prev_chs, chs, index = chs, 6 * width, index + 1
+            if reduction_cls is not None:
+                self._add_cell(f"reduction_cell_{stage}",
+                               reduction_cls(prev_chs, 2 * width, chs, 2 * width, pad_type=pad_type, **dd))
+                self.feature_info.append(dict(num_chs=chs, reduction=8 * 2 ** stage,
+                                              module=f"reduction_cell_{stage}.conv_1x1.act"))
+                prev_chs, chs = (prev_chs if skip_reduction else chs), 8 * width
+        self.act = nn.ReLU(inplace=True)
+        self.feature_info.append(dict(num_chs=num_features, reduction=32, module="act"))
+        self.global_pool, self.head_drop, self.last_linear = create_classifier(
+            num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.head_hidden_size = num_features * self.global_pool.feat_mult()
+        _keras_pools_and_norms(self)
+
+    def _add_cell(self, name: str, cell: nn.Module) -> None:
+        self.add_module(name, cell)
+        self.cell_names.append(name)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        blocks = [(r"^cell_(\d+)", None)]
+        blocks += [(rf"^reduction_cell_{i}", ((i + 1) * (len(self.cell_names) - 2) // 3,)) for i in (0, 1)]
+        return dict(stem=r"^conv0|cell_stem_[01]", blocks=blocks)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.last_linear
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        device = self.conv0.conv.weight.device
+        dtype = self.conv0.conv.weight.dtype
+        self.global_pool, self.last_linear = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool or self.global_pool.pool_type,
+            device=device, dtype=dtype)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x_conv0 = self.conv0(x)
+        x_prev = self.cell_stem_0(x_conv0)
+        x = self.cell_stem_1(x_conv0, x_prev)
+        for name in self.cell_names:
+            cell = getattr(self, name)
+            if isinstance(cell, (ReductionCell0, ReductionCell1)):
+                x_prev, x = (x_prev if self.skip_reduction else x), cell(x, x_prev)
+            else:
+                x_prev, x = x, cell(x, x_prev)
+        return self.act(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.last_linear(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 #: Keras separable-block name (``separable_conv_1_<name>_<block>``) -> timm branch, per cell type
@@ -169,7 +270,7 @@ def to_timm(layers: KerasLayers, include_top: bool) -> dict:
 
 
 @register_model
-@keras_application("NASNetLarge", size=331, mode="tf", top1=82.5, mapping=to_timm,
+@keras_application("NASNetLarge", size=331, mode="tf", top1=82.498, top5=96.004, mapping=to_timm,
                    files=KerasFiles(WeightFile("nasnet/NASNet-large.h5", "11577c9a518f0070763c2b964a382f17"),
                                     WeightFile("nasnet/NASNet-large-no-top.h5", "d81d89dc07e6e56530c4e77faddd61b5")),
                    first_conv="conv0.conv", classifier="last_linear", cfg=dict(pool_size=(11, 11)))
@@ -180,3 +281,15 @@ def keras_nasnetalarge(pretrained: bool = False, **kwargs) -> KerasNASNetALarge:
         feature_cfg=dict(feature_cls="hook", no_rewrite=True),  # cells take two inputs: hook features
         **kwargs,
     )
+
+
+@register_model
+@keras_application("NASNetMobile", size=224, mode="tf", top1=74.366, top5=91.854, mapping=to_timm,
+                   files=KerasFiles(WeightFile("nasnet/NASNet-mobile.h5", "020fb642bf7360b370c678b08e0adf61"),
+                                    WeightFile("nasnet/NASNet-mobile-no-top.h5", "1ed92395b5b598bdda52abe5c0dbfd63")),
+                   first_conv="conv0.conv", classifier="last_linear", cfg=dict(pool_size=(7, 7)))
+def keras_nasnetamobile(pretrained: bool = False, **kwargs) -> KerasNASNetA:
+    """Keras ``NASNetMobile`` (NASNet-A 4 @ 1056, ``skip_reduction=False``); no timm counterpart."""
+    kwargs = dict(stem_size=32, num_blocks=4, num_features=1056, skip_reduction=False, **kwargs)
+    return build_model_with_cfg(KerasNASNetA, "keras_nasnetamobile", pretrained,
+                                feature_cfg=dict(feature_cls="hook", no_rewrite=True), **kwargs)
