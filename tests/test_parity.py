@@ -98,5 +98,6 @@ def test_manifest_matches_keras(name, parity_cases):
     notop = build_keras_model(entry, include_top=False, initialise=False)  # structure only: no random draws
     assert manifest_from_keras_model(notop) == committed["notop"], f"{name} notop: {hint}"
     assert output_layer_name(notop) == committed["notop_output"], f"{name} notop output: {hint}"
-    top = parity_cases.top_manifests.get(name) or manifest_from_keras_model(build_keras_model(entry, True, initialise=False))
+    top = (parity_cases.top_manifests.get(name)
+           or manifest_from_keras_model(build_keras_model(entry, True, initialise=False)))
     assert top == committed["top"], f"{name} top: {hint}"
