@@ -20,7 +20,9 @@ except ImportError:  # pragma: no cover
     pytest.skip("needs keras (pip install -e '.[test]')", allow_module_level=True)
 
 PARITY_MODELS = [name for name, entry in REGISTRY.items() if entry.parity]
-FLOAT64_MODELS = [name for name, entry in REGISTRY.items() if entry.parity and entry.parity_float64]
+#: float64 also runs for models whose float32 check is off (parity=False) because float32 rounding of the random
+#: net alone exceeds 1e-4 (ResNet101 / ResNet152 notop: Keras float32 itself is that far from the exact result)
+FLOAT64_MODELS = [name for name, entry in REGISTRY.items() if entry.parity_float64]
 #: one manifest per architecture: the entries that own one (size variants share their model's)
 MANIFEST_MODELS = [name for name, entry in REGISTRY.items() if entry.manifest == entry.keras_name]
 

@@ -40,7 +40,8 @@ def zoo_table_markdown() -> str:
         e = REGISTRY[name]
         mode = e.mode + (" (built in)" if e.builtin_preprocessing else "")
         top1 = "" if e.top1 is None else f"{e.top1:.1f}"
-        parity = ("float32 + float64" if e.parity_float64 else "float32") if e.parity else "-"
+        parity = (("float32 + float64" if e.parity_float64 else "float32") if e.parity
+                  else "float64" if e.parity_float64 else "-")
         variants = _variants_text(name)
         rows.append(f"| {name} | `{e.timm_arch}` | {e.input_size} | {mode} | {top1} | {parity} | {variants} |")
     return "\n".join(rows)

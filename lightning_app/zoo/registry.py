@@ -141,7 +141,7 @@ class ZooEntry:
     manifest: str = ""  # manifest name (default: keras_name); size variants share their model's
     variant_of: Optional[str] = None  # the default model of the same application, for variants
     parity: bool = True  # in the parity tests (top and notop at the native size)
-    parity_float64: bool = False  # also in the float64 parity test (very deep nets)
+    parity_float64: bool = False  # in the float64 parity test (very deep nets), also where ``parity`` is False
     family: str = ""  # the family module that registered it
     #: Keras 3 name of a layer as an older Keras named it in the official files (the name check), or None
     legacy_layer_name: Optional[Callable[[str], str]] = field(default=None, repr=False, compare=False)
@@ -259,7 +259,8 @@ def keras_application(
         builtin_preprocessing: Keras normalises inside the model; the parity harness feeds it 0..255.
         sizes: the same architecture at other input sizes, registered as ``<name>_<size>``.
         parity: run the parity tests (default: for default models, not for variants).
-        parity_float64: also run the float64 parity test (very deep nets).
+        parity_float64: also run the float64 parity test (very deep nets); it runs even with ``parity=False``
+            (a net whose float32 rounding alone exceeds the float32 tolerance: ResNet101 / ResNet152).
         cfg: extra timm ``pretrained_cfg`` fields (e.g. ``pool_size``).
         legacy_layer_name: ``name -> Keras 3 name`` for official files saved by an older Keras that named
             layers otherwise (MobileNetV3's ``expanded_conv/depthwise/BatchNorm``); the converter's name check
