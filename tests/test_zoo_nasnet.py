@@ -23,7 +23,8 @@ def test_nasnet_mobile_is_a_timm_backbone():
         assert model(x).shape == (2, 7) and model.get_classifier().in_features == 1056
     # 12 normal cells, the reduction cells grouped with the cell after them, the stem first, the head last
     groups = layer_groups(model)
-    assert len(groups) == 14 and "conv0.conv.weight" in groups[0].param_names and "last_linear.weight" in groups[-1].param_names
+    assert len(groups) == 14
+    assert "conv0.conv.weight" in groups[0].param_names and "last_linear.weight" in groups[-1].param_names
 
     features = timm.create_model("keras_nasnetamobile", features_only=True).eval()
     assert features.feature_info.channels() == [32, 44, 264, 528, 1056]

@@ -168,14 +168,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also run Keras and ours in float64 on the same random weights (tolerance 1e-9)")
     p = sub.add_parser("manifest", help="regenerate layer manifests from Keras (developers)")
     p.add_argument("--model", action="append", help="zoo name (repeatable); default: every model")
-    p = sub.add_parser("evaluate", help="ImageNet top-1 / top-5 on a validation folder, beside Keras's published figures")
+    p = sub.add_parser("evaluate",
+                       help="ImageNet top-1 / top-5 on a validation folder, beside Keras's published figures")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, type=Path, help="folder with one subfolder per class (WordNet id or index)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="folder with one subfolder per class (WordNet id or index)")
     p.add_argument("--class-index", type=Path, default=None,
                    help="Keras's imagenet_class_index.json (default: Keras's cached copy, if any)")
-    p.add_argument("--weights", default="imagenet", help="'imagenet' (default), a converted .safetensors or a Keras .h5")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (default), a converted .safetensors or a Keras .h5")
     p.add_argument("--size", type=int, default=None, help="input size (default: the model's native size)")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="centre crop / resized shorter side (default 0.875)")
+    p.add_argument("--crop-pct", type=float, default=0.875,
+                   help="centre crop / resized shorter side (default 0.875)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4, help="image decoding processes (default 4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
