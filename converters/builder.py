@@ -62,7 +62,7 @@ class StateDictBuilder:
     def depthwise(self, keras_name: str, prefix: str) -> None:
         """DepthwiseConv2D -> ``prefix.weight`` (a grouped conv, ``groups=C``) (+ ``prefix.bias``)."""
         w = self.take(keras_name)
-        tensors = {"weight": layouts.depthwise(w["depthwise_kernel"])}
+        tensors = {"weight": layouts.depthwise(w["kernel"])}  # Keras 3 names it kernel (Keras 2: depthwise_kernel)
         if "bias" in w:
             tensors["bias"] = layouts.array(w["bias"])
         self._put(prefix, tensors)
