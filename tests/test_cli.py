@@ -100,7 +100,8 @@ def test_cifar10_config_fast_dev_run_does_not_cache(tmp_path):
     assert not list((tmp_path / "cache").rglob("*.shards"))
 
 
-def test_quickstart_reaches_stated_accuracy_and_writes_reports(tmp_path):
+def test_quickstart_reaches_stated_accuracy_and_writes_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_ZOO_CACHE", str(tmp_path / "zoo"))  # from random init even where weights are cached
     with pytest.warns(UserWarning, match="RANDOM initialisation"):  # offline: says so plainly
         cli = run("fit", "--config", CONFIGS / "quickstart.yaml", *common(tmp_path))
     acc = cli.trainer.callback_metrics["test_acc"].item()

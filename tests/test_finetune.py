@@ -265,3 +265,19 @@ def test_unfreezing_after_compilation_trains_the_new_group(tmp_path, backend):
     assert all(torch.equal(snaps.weights[0][i], before[i]) for i in range(len(before)))  # frozen in epoch 0
     for key in snaps.stats[0]:
         assert torch.equal(snaps.stats[0][key], snaps.stats["end"][key]), key  # frozen BN: inference mode
+
+
+def test_batchnorm_momentum_callback_sets_every_batchnorm_when_fitting():
+    """The quickstart's fast BatchNorm statistics for a short run from random init (zoo models keep Keras's)."""
+    from lightning_app.errors import ConfigError
+    from lightning_app.finetune import BatchNormMomentum
+
+    model = TransferModule("MobileNetV3Small", num_classes=3, weights=None, stage="finetune")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and {m.momentum for m in norms} == {0.001}  # Keras's 0.999
+    BatchNormMomentum(0.1).setup(None, model, "validate")
+    assert {m.momentum for m in norms} == {0.001}
+    BatchNormMomentum(0.1).setup(None, model, "fit")
+    assert {m.momentum for m in norms} == {0.1}
+    with pytest.raises(ConfigError, match="momentum must be in"):
+        BatchNormMomentum(0.0)
