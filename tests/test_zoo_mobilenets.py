@@ -140,7 +140,8 @@ def test_mobilenet_v3_head_follows_keras_include_top_false(tmp_path):
     assert isinstance(fresh.conv_head, torch.nn.Identity)
     assert tuple(fresh.classifier.weight.shape[::-1]) == tuple(dense.kernel.shape)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.forward_head(fresh.forward_features(x), pre_logits=True), torch.from_numpy(got))
+        pre_logits = fresh.forward_head(fresh.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(pre_logits, torch.from_numpy(got))
     top = create_backbone("MobileNetV3Small", weights=None)
     assert top.conv_head.out_channels == 1024 and top.classifier.in_features == 1024
     fresh.reset_classifier(0)

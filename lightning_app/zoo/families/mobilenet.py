@@ -22,10 +22,10 @@ Checked layer by layer against ``keras/src/applications/mobilenet.py``:
   ``include_top=False, pooling="avg"``.
 
 Files: ``mobilenet/mobilenet_{1_0,7_5,5_0,2_5}_{128,160,192,224}_tf[_no_top].h5``. Keras publishes no hash
-for them, so each file is proven by its conversion instead (``lightning_app.zoo.weights``). Top-1 is the
-Keras-measured figure for 1.0 @ 224 (keras-applications README). The other figures are from the
-keras-applications ``mobilenet.py`` docstring (the paper), which gives alphas at 224 and 1.0 at every
-size; the others are unpublished.
+for them, so each file is proven by its conversion instead (``lightning_app.zoo.weights``). Top-1 / top-5
+at 224 are the Keras-measured figures of every alpha (keras-applications README, 05ff470: 100 minus the
+errors). The top-1 of 1.0 at 128 / 160 / 192 is from the keras-applications ``mobilenet.py`` docstring
+(the paper); the other sizes are unpublished.
 
 Mapping: ``conv1`` / ``conv1_bn`` -> ``conv_stem`` / ``bn1``. Keras block k (1..13) is the k-th timm
 block (stages of 1, 2, 2, 6, 2 blocks), where ``conv_dw_k``, ``conv_dw_k_bn``, ``conv_pw_k`` and
@@ -147,7 +147,7 @@ _KERAS = dict(size=224, mode="tf", mapping=to_timm, first_conv="conv_stem", clas
 
 
 @register_model
-@keras_application("MobileNet", top1=70.4, files=files("1_0", 224), keras_kwargs=dict(alpha=1.0),
+@keras_application("MobileNet", top1=70.424, top5=89.504, files=files("1_0", 224), keras_kwargs=dict(alpha=1.0),
                    sizes=_sizes("1_0", {192: 69.1, 160: 67.2, 128: 64.4}), **_KERAS)
 def keras_mobilenet_100(pretrained: bool = False, **kwargs) -> KerasMobileNet:
     """Keras ``MobileNet(alpha=1.0)``."""
@@ -155,7 +155,7 @@ def keras_mobilenet_100(pretrained: bool = False, **kwargs) -> KerasMobileNet:
 
 
 @register_model
-@keras_application("MobileNet_075", top1=68.4, files=files("7_5", 224), keras_kwargs=dict(alpha=0.75),
+@keras_application("MobileNet_075", top1=68.412, top5=88.242, files=files("7_5", 224), keras_kwargs=dict(alpha=0.75),
                    sizes=_sizes("7_5", parity=(128,)), **_KERAS)
 def keras_mobilenet_075(pretrained: bool = False, **kwargs) -> KerasMobileNet:
     """Keras ``MobileNet(alpha=0.75)``."""
@@ -163,7 +163,7 @@ def keras_mobilenet_075(pretrained: bool = False, **kwargs) -> KerasMobileNet:
 
 
 @register_model
-@keras_application("MobileNet_050", top1=63.7, files=files("5_0", 224), keras_kwargs=dict(alpha=0.5),
+@keras_application("MobileNet_050", top1=64.292, top5=85.624, files=files("5_0", 224), keras_kwargs=dict(alpha=0.5),
                    sizes=_sizes("5_0"), **_KERAS)
 def keras_mobilenet_050(pretrained: bool = False, **kwargs) -> KerasMobileNet:
     """Keras ``MobileNet(alpha=0.5)``."""
@@ -171,7 +171,7 @@ def keras_mobilenet_050(pretrained: bool = False, **kwargs) -> KerasMobileNet:
 
 
 @register_model
-@keras_application("MobileNet_025", top1=50.6, files=files("2_5", 224), keras_kwargs=dict(alpha=0.25),
+@keras_application("MobileNet_025", top1=51.582, top5=75.792, files=files("2_5", 224), keras_kwargs=dict(alpha=0.25),
                    sizes=_sizes("2_5"), parity=True, **_KERAS)
 def keras_mobilenet_025(pretrained: bool = False, **kwargs) -> KerasMobileNet:
     """Keras ``MobileNet(alpha=0.25)``."""
