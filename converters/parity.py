@@ -35,6 +35,11 @@ ModelLoader = Callable[[KerasModelSpec, Path, bool], torch.nn.Module]
 TOLERANCE = 1e-4
 TOLERANCE_FLOAT64 = 1e-9
 _TOLERANCES = {"float32": TOLERANCE, "float64": TOLERANCE_FLOAT64}
+#: Keras's functional graph keeps every intermediate output of a call until it returns
+#: (``keras/src/ops/function.py`` ``_run_through_graph``): memory grows as batch x all activations, about
+#: 4 GB an image for EfficientNetB7 at 600. Above this input size Keras is calibrated on one image and run
+#: one image at a time (inference is per image, so the outputs are the same).
+LARGE_INPUT = 331
 
 
 @dataclass
@@ -99,6 +104,15 @@ def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasMode
         if isinstance(layer, keras.layers.BatchNormalization):
             batchnorms.append((layer, layer.momentum))
             layer.momentum = 0.0  # one training-mode pass sets moving stats to the batch stats
+        if isinstance(layer, keras.layers.Normalization) and layer.weights:
+            # EfficientNet's built-in Rescaling(1/255) -> Normalization holds its statistics as weights, left
+            # at mean 0 / variance 1 by weights=None: set them so this graph computes the spec's preprocessing
+            # (Keras's ImageNet graph gets the same from the official values and an extra Rescaling)
+            values = {"mean": np.asarray(spec.mean), "variance": np.square(spec.std)}
+            for variable in layer.weights:
+                role = variable.name.rsplit("/", 1)[-1]
+                if role in values:
+                    variable.assign(values[role].reshape(tuple(variable.shape)).astype("float32"))
     if batchnorms:  # without BatchNorm (ConvNeXt) a training-mode pass changes nothing
         with torch.no_grad():
             model(keras_preprocess(calibration_images, spec), training=True)
@@ -134,6 +148,11 @@ def _numpy(out) -> np.ndarray:
 
 def keras_outputs(model, images01: np.ndarray, spec: KerasModelSpec):
     """The Keras model on ``images01`` (NHWC in [0, 1]): an array, or a list for a multi-output model."""
+    if images01.shape[1] > LARGE_INPUT and len(images01) > 1:  # one at a time (see LARGE_INPUT)
+        outs = [keras_outputs(model, images01[i:i + 1], spec) for i in range(len(images01))]
+        if isinstance(outs[0], list):
+            return [np.concatenate(parts) for parts in zip(*outs)]
+        return np.concatenate(outs)
     with torch.no_grad():
         out = model(keras_preprocess(images01, spec), training=False)
     return [_numpy(o) for o in out] if isinstance(out, (list, tuple)) else _numpy(out)
@@ -232,7 +251,7 @@ def make_case(spec: KerasModelSpec, workdir: os.PathLike | str, input_size: Opti
     workdir.mkdir(parents=True, exist_ok=True)
     size = input_size or spec.input_size
     top, features, both = _keras_top_and_notop(spec, size)
-    randomize_keras_model(top, sample_images(size, 4), spec, seed)
+    randomize_keras_model(top, sample_images(size, 4 if size <= LARGE_INPUT else 1), spec, seed)
     images = sample_images(size, num_images)[::-1].copy()
     h5 = {include_top: save_legacy_h5(model, workdir / f"{spec.keras_name}_{'top' if include_top else 'notop'}.h5")
           for include_top, model in ((True, top), (False, features))}
