@@ -10,6 +10,12 @@ Stages:
 * ``finetune``: the backbone is trainable; with a :class:`lightning_app.finetune.LayerwiseUnfreezing`
   callback it starts frozen and is unfrozen group by group on a schedule.
 
+Every forward of the backbone that does not train it goes through :class:`lightning_app.engine.InferenceEngine`
+(BatchNorm folded into a copy, channels_last, bf16 autocast on CUDA, ``torch.compile``): validate / test / predict
+and the robustness loop (the module in eval mode; attacks get gradients w.r.t. the input), and, while training,
+a backbone that cannot change (every parameter frozen, no active dropout): the ``extract`` / ``head`` stages and
+the head-only epochs of ``finetune``. ``inference: {enabled: false}`` runs the plain module everywhere.
+
 The optimizer is injected as a callable (``OptimizerCallable``) so the module keeps control of
 its parameter groups: one for the head (``lr``) and, when fine-tuning, one per backbone layer group
 (``lr * backbone_lr_scale * layer_decay ** depth``, depth 0 = the group nearest the head). When
@@ -18,6 +24,7 @@ fine-tuning, all parameters are in the optimizer from the start; frozen ones jus
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -41,6 +48,7 @@ from lightning_app.checkpoint import (
 )
 from lightning_app.checkpoint import metadata as checkpoint_metadata
 from lightning_app.data.feature_loader import FeatureChunk
+from lightning_app.engine import InferenceEngine, InferenceOptions, as_inference_options, options_dict
 from lightning_app.errors import ConfigError
 from lightning_app.finetune import (CompiledBackbone, LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all,
                                    layer_groups)
@@ -73,6 +81,21 @@ class FeatureNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
+
+
+def backbone_is_fixed(backbone: nn.Module) -> bool:
+    """True when a training-mode forward of ``backbone`` equals its inference forward and trains nothing: no
+    parameter requires grad, every BatchNorm is in inference mode and no dropout / drop-path is active."""
+    if any(p.requires_grad for p in backbone.parameters()):
+        return False
+    for m in backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+            return False
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+        if m.training and float(getattr(m, "drop_prob", 0.0) or 0.0) > 0:  # timm DropPath / DropBlock
+            return False
+    return True
 
 
 def build_head(in_features: int, hidden: Sequence[int], dropout: float, num_classes: int) -> nn.Sequential:
@@ -181,6 +204,9 @@ class TransferModule(pl.LightningModule):
             CompiledBackbone`: recompiles when layer-wise unfreezing changes the trainable set, logged);
             ``None`` (default): on CUDA; on CPU as measured (``CPU_TRAINING_DEFAULTS``).
         compile_kwargs: extra ``torch.compile`` arguments for it (``mode``, ``backend``, ``dynamic``...).
+        inference: how the inference engine runs (:class:`lightning_app.engine.InferenceOptions`: ``enabled``,
+            ``precision`` auto / bf16 / fp32, ``compile`` true / false / auto, ...; ``model.inference`` in the
+            YAML); a dict of them is accepted (checkpoints store a dict).
     """
 
     def __init__(
@@ -203,6 +229,7 @@ class TransferModule(pl.LightningModule):
         channels_last: Optional[bool] = None,
         compile_backbone: Optional[bool] = None,
         compile_kwargs: Optional[Dict[str, Any]] = None,
+        inference: Optional[InferenceOptions] = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -218,6 +245,13 @@ class TransferModule(pl.LightningModule):
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        try:
+            self.inference_options = as_inference_options(inference)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.inference: {err}") from None
+        self.hparams["inference"] = options_dict(self.inference_options)  # a plain dict in checkpoints
+        self.__dict__["_engine"] = None  # built on first use; never a submodule (not in state_dict / checkpoints)
+        self._frozen_forward: Optional[bool] = None  # cached per training epoch
         from lightning_app.zoo import create_backbone, preprocessing
 
         self.backbone_name = backbone
@@ -271,8 +305,29 @@ class TransferModule(pl.LightningModule):
         """Whether the backbone was loaded from weights (not randomly initialised)."""
         return self.weights_used is not None
 
+    @property
+    def engine(self) -> InferenceEngine:
+        """The inference engine over ``normalize -> backbone`` (built on first use)."""
+        if self._engine is None:
+            self.__dict__["_engine"] = InferenceEngine(
+                FeatureNet(self.normalize, self.backbone), self.inference_options, name=self.backbone_name)
+        return self._engine
+
+    def uses_engine(self) -> bool:
+        """Whether :meth:`features` runs through the inference engine now: in eval mode, and while training when
+        the backbone cannot change (no trainable parameter, no active dropout)."""
+        if not self.inference_options.enabled:
+            return False
+        if not self.training:
+            return True
+        if self._frozen_forward is None:
+            return backbone_is_fixed(self.backbone)
+        return self._frozen_forward
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features of [0, 1] RGB images ``[B, 3, H, W]`` -> ``[B, D]``."""
+        """Pooled backbone features of [0, 1] RGB images ``[B, 3, H, W]`` -> ``[B, D]`` (float32 from the engine)."""
+        if self.uses_engine():
+            return self.engine(images)
         x = self.normalize(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -451,6 +506,10 @@ class TransferModule(pl.LightningModule):
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self) -> None:
         self._logged["train"] = False
+        # callbacks (LayerwiseUnfreezing) have set this epoch's trainable groups
+        self._frozen_forward = self.inference_options.enabled and backbone_is_fixed(self.backbone)
+        if self._frozen_forward:
+            self._plan_engine(self.trainer.num_training_batches)
 
     def on_train_epoch_end(self) -> None:
         self._epoch_stats.drain(self._flush_train_stats)  # an epoch cut short (max_steps): what is left
@@ -467,11 +526,26 @@ class TransferModule(pl.LightningModule):
         else:
             scheduler.step()
 
+    def on_train_end(self) -> None:
+        self._frozen_forward = None
+
     def on_validation_epoch_start(self) -> None:
         self._logged["val"] = False
+        self._plan_engine(self.trainer.num_val_batches)
 
     def on_test_epoch_start(self) -> None:
         self._logged["test"] = set()
+        self._plan_engine(self.trainer.num_test_batches)
+
+    def on_predict_epoch_start(self) -> None:
+        self._plan_engine(self.trainer.num_predict_batches)
+
+    def _plan_engine(self, batches: Any) -> None:
+        """Start of a run through the engine: its length (``compile="auto"`` on CPU) and a full staleness check."""
+        if not self.inference_options.enabled:
+            return
+        total = sum(batches) if isinstance(batches, (list, tuple)) else batches
+        self.engine.plan(int(total) if total is not None and math.isfinite(total) else None)
 
     # ------------------------------------------------------------------ checkpoint (lightning_app.checkpoint)
     @property
@@ -628,4 +702,5 @@ def _float32(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-__all__ = ["IMAGENET_IF_CACHED", "Normalize", "STAGES", "TransferModule", "build_head", "resolve_weights"]
+__all__ = ["IMAGENET_IF_CACHED", "Normalize", "STAGES", "TransferModule", "backbone_is_fixed", "build_head",
+           "resolve_weights"]

@@ -218,17 +218,28 @@ class FeatureStore:
 
 # ----------------------------------------------------------------------------- predict loop
 class FeatureExtractor(pl.LightningModule):
-    """Predict-loop wrapper: ``predict_step`` returns float32 features ``[B, D]`` of ``batch[0]``."""
+    """Predict-loop wrapper: ``predict_step`` returns float32 features ``[B, D]`` of ``batch[0]``.
 
-    def __init__(self, net: nn.Module) -> None:
+    ``net`` (``normalize -> backbone``) is a submodule, so the Trainer moves it to the device; with an ``engine``
+    (:class:`lightning_app.engine.InferenceEngine` over the same network, not a submodule) the features come
+    from the engine.
+    """
+
+    def __init__(self, net: nn.Module, engine: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.net = net
+        self.__dict__["engine"] = engine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return (self.engine or self.net)(x)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        return self.net(batch[0]).float()
+        return self(batch[0]).float()
+
+    def on_predict_epoch_start(self) -> None:
+        if self.engine is not None:
+            batches = self.trainer.num_predict_batches
+            self.engine.plan(int(sum(batches)) if all(np.isfinite(b) for b in batches) else None)
 
 
 class FeatureShardWriter(BasePredictionWriter):
@@ -478,8 +489,12 @@ def extract_features(trainer: "pl.Trainer", module: nn.Module, datamodule: Any, 
     """
     digest = weights_digest or backbone_digest(module.backbone)
 
+    engine = module.engine if getattr(getattr(module, "inference_options", None), "enabled", False) else None
+
     def key_fn(t: "pl.Trainer") -> Dict[str, Any]:
-        return feature_cache_key(module, t.datamodule, split, t.precision, digest)
+        # the engine's numbers depend on its precision (bf16 on CUDA by default), not only on the Trainer's
+        precision = str(t.precision) + (f"/{engine.describe(t.strategy.root_device)}" if engine is not None else "")
+        return feature_cache_key(module, t.datamodule, split, precision, digest)
 
     writer = FeatureShardWriter(key_fn, cache_dir, split, rebuild=rebuild)
     old_split, old_bs = datamodule.predict_split, datamodule.batch_size
@@ -491,7 +506,8 @@ def extract_features(trainer: "pl.Trainer", module: nn.Module, datamodule: Any, 
         datamodule.batch_size = batch_size
     trainer.callbacks.append(writer)
     try:
-        trainer.predict(FeatureExtractor(module.feature_extractor()), datamodule=datamodule, return_predictions=False)
+        trainer.predict(FeatureExtractor(module.feature_extractor(), engine), datamodule=datamodule,
+                        return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
         datamodule.predict_split, datamodule.batch_size = old_split, old_bs

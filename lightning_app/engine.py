@@ -1,0 +1,617 @@
+"""The inference engine: every forward of a backbone that does not train it (feature extraction, validate / test /
+predict, the robustness loop with its attacks, the frozen backbone of the ``extract`` / ``head`` stages).
+
+What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``normalize -> backbone``):
+
+* **BatchNorm folded** into the preceding convolution: an inference-mode BatchNorm (Keras-frozen, or any BN at
+  evaluation time) is a fixed per-channel affine, so ``bn(conv(x)) = conv'(x)`` with ``W' = W * s`` and
+  ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``. Conv -> BN pairs are found by running the
+  network once and watching which tensors each operation consumes (:func:`find_conv_bn_pairs`): a pair is folded
+  only when the BatchNorm is the sole consumer of the convolution's output. The fold is applied to a **copy**
+  (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
+* **channels_last** memory format, **bf16 autocast** on CUDA by default (``precision="fp32"``: no autocast and no
+  TF32 convolutions, for parity work), and **torch.compile** without weight freezing: the weights stay inputs of
+  the compiled graph, so a refresh after fine-tuning updates them in place with no recompilation (and inductor's
+  freezing pass is avoided: it folds ``conv(x) * 0.1`` and ``conv(x) * 0.2`` of one graph with the same scale,
+  which breaks InceptionResNetV2; see ``benchmarks/repro_inductor_freezing.py``).
+* **Static shapes**: the compiled engine always runs the batch size it was compiled for; a smaller batch is
+  zero-padded (samples are independent once BatchNorm is folded), a larger one is split. On CUDA the default
+  mode is ``"reduce-overhead"`` (CUDA graphs).
+* **Warm-up you can see**: the first batch runs eagerly, then ``compiling <name> for inference (first batch)...``
+  and the time it took are logged; the compiled output is checked against the eager output of that batch and the
+  engine falls back to eager, saying why in one line, when compilation raises or disagrees.
+* **Never stale**: the copy is refreshed (copied / refolded in place) whenever a parameter or buffer of the
+  source changed: in-place updates (optimizer steps, ``load_state_dict``, BatchNorm statistics) bump the tensors'
+  version counters, which are compared on every call (tens of microseconds); moving the source to another device
+  or dtype rebuilds the copy.
+
+Gradients: with an input that requires grad (FGSM / PGD), the engine runs the folded copy eagerly with gradients
+w.r.t. the input only (its weights never require grad).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+Precision = Literal["auto", "bf16", "fp32"]
+CompileArg = Union[bool, Literal["auto"]]
+
+#: compile="auto" on a CPU compiles when the run's estimated eager time is at least this (compiling a zoo model
+#: takes ~20 s to a few minutes on 2 cores and saves ~15-25 % of the time per image)
+CPU_COMPILE_MIN_SECONDS = 300.0
+#: the compiled output must match eager on the warm-up batch: max |diff| / max |eager| at most this
+VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
+#: the folded copy must match the source in float32 (the Keras parity tolerance)
+FOLD_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How the inference engine runs (``model.inference`` in the YAML).
+
+    Attributes:
+        enabled: ``False``: the plain module (eager, NCHW, as it trains) everywhere; the reference path.
+        precision: ``"auto"`` (bf16 autocast on CUDA, float32 elsewhere), ``"bf16"`` or ``"fp32"`` (no autocast,
+            no TF32 convolutions: for parity with Keras float32).
+        compile: ``True``, ``False`` or ``"auto"``: always on CUDA; on CPU when the run's estimated eager time is
+            at least ``CPU_COMPILE_MIN_SECONDS`` (5 minutes).
+        mode: ``torch.compile`` mode; ``"auto"``: ``"reduce-overhead"`` (CUDA graphs) on CUDA, inductor's default
+            elsewhere.
+        backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` checks the guards without code
+            generation, e.g. in tests).
+        fold_bn: fold inference-mode BatchNorm into the preceding convolution.
+        channels_last: run in NHWC memory format.
+        verify: check the compiled engine against eager on the first batch (fall back to eager if they disagree).
+    """
+
+    enabled: bool = True
+    precision: Precision = "auto"
+    compile: CompileArg = "auto"
+    mode: Optional[str] = "auto"
+    backend: str = "inductor"
+    fold_bn: bool = True
+    channels_last: bool = True
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"inference.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"inference.compile must be true, false or 'auto', got {self.compile!r}")
+
+    def effective_precision(self, device: Union[str, torch.device]) -> str:
+        """``"bf16"`` or ``"fp32"`` on ``device``."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def as_inference_options(value: Union[InferenceOptions, Mapping[str, Any], bool, None]) -> InferenceOptions:
+    """``InferenceOptions`` from the options, a dict of them (as stored in checkpoints), ``None`` (defaults) or a
+    bool (``enabled``)."""
+    if value is None:
+        return InferenceOptions()
+    if isinstance(value, InferenceOptions):
+        return value
+    if isinstance(value, bool):
+        return InferenceOptions(enabled=value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(InferenceOptions.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown inference option(s) {sorted(unknown)}; known: "
+                             f"{sorted(InferenceOptions.__dataclass_fields__)}")
+        return InferenceOptions(**dict(value))
+    # jsonargparse may hand over a Namespace
+    if hasattr(value, "__dict__"):
+        return as_inference_options({k: v for k, v in vars(value).items() if not k.startswith("_")})
+    raise TypeError(f"inference must be InferenceOptions, a dict or a bool, got {type(value).__name__}")
+
+
+def options_dict(options: InferenceOptions) -> Dict[str, Any]:
+    """Plain dict of the options (what checkpoints and ``hparams.yaml`` store)."""
+    return asdict(options)
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+def _bn_replacement(bn: nn.Module) -> Optional[Callable[[nn.Module], nn.Module]]:
+    """What replaces a foldable BatchNorm module once folded (``None``: not foldable)."""
+    if not isinstance(bn, _BatchNorm) or not bn.track_running_stats or bn.running_mean is None:
+        return None
+    if type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return lambda m: nn.Identity()
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    if type(bn) is BatchNormAct2d:  # batch_norm -> drop -> act
+        return lambda m: nn.Sequential(m.drop, m.act)
+    return None  # other subclasses may change forward(): leave them alone
+
+
+class _ConsumerLog(TorchDispatchMode):
+    """Records, for tensors registered in ``watched``, every aten operation that reads them."""
+
+    def __init__(self, watched: Dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.uses: Dict[int, List[str]] = defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and id(t) in self.watched:
+                self.uses[id(t)].append(str(func))
+        return func(*args, **kwargs)
+
+
+def find_conv_bn_pairs(net: nn.Module, example: Tensor) -> List[Tuple[str, str]]:
+    """``(conv name, bn name)`` pairs of ``net`` where the BatchNorm folds into the convolution.
+
+    Runs ``net(example)`` once (eval semantics are the caller's business) and keeps a pair when: the convolution
+    (not transposed) and the BatchNorm each run exactly once, the BatchNorm's input is the convolution's output
+    tensor, and that tensor is read by no other operation (aten level, so in-place ops and functional uses count).
+    """
+    return _trace_conv_bn_pairs(net, example)[0]
+
+
+@torch.no_grad()
+def _trace_conv_bn_pairs(net: nn.Module, example: Tensor) -> Tuple[List[Tuple[str, str]], Any]:
+    """:func:`find_conv_bn_pairs` and the output of the forward it ran."""
+    convs = {m: n for n, m in net.named_modules() if isinstance(m, _ConvNd) and not m.transposed}
+    bns = {m: n for n, m in net.named_modules() if _bn_replacement(m) is not None}
+    calls: Counter = Counter()
+    conv_out: Dict[int, str] = {}
+    bn_in: Dict[str, int] = {}
+    keep: List[Tensor] = []  # keeps ids unique while the forward runs
+
+    def conv_hook(mod: nn.Module, args: Any, out: Any) -> None:
+        calls[convs[mod]] += 1
+        if isinstance(out, Tensor):
+            conv_out[id(out)] = convs[mod]
+            keep.append(out)
+
+    def bn_hook(mod: nn.Module, args: Any) -> None:
+        calls[bns[mod]] += 1
+        if args and isinstance(args[0], Tensor):
+            bn_in[bns[mod]] = id(args[0])
+            keep.append(args[0])
+
+    handles = [m.register_forward_hook(conv_hook) for m in convs]
+    handles += [m.register_forward_pre_hook(bn_hook) for m in bns]
+    log = _ConsumerLog(conv_out)
+    try:
+        with log:
+            output = net(example)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = []
+    for bn_name, tid in bn_in.items():
+        conv_name = conv_out.get(tid)
+        if conv_name is None or calls[conv_name] != 1 or calls[bn_name] != 1:
+            continue
+        uses = log.uses.get(tid, [])
+        if len(uses) == 1 and "batch_norm" in uses[0]:
+            pairs.append((conv_name, bn_name))
+    return pairs, output
+
+
+@torch.no_grad()
+def fold_conv_bn_(conv: nn.Module, src_conv: nn.Module, bn: _BatchNorm) -> None:
+    """Write ``bn(src_conv(.))`` as one convolution into ``conv``'s weight and bias, in place (``conv`` needs a bias).
+
+    Computed in float64 (float32 where the device has no float64) and cast to ``conv``'s dtype.
+    """
+    dev = src_conv.weight.device
+    wide = torch.float32 if dev.type == "mps" else torch.float64
+    w = src_conv.weight.detach().to(wide)
+    out_ch = w.shape[0]
+    ones, zeros = torch.ones(out_ch, dtype=wide, device=dev), torch.zeros(out_ch, dtype=wide, device=dev)
+    gamma = bn.weight.detach().to(wide) if bn.weight is not None else ones
+    beta = bn.bias.detach().to(wide) if bn.bias is not None else zeros
+    bias = src_conv.bias.detach().to(wide) if src_conv.bias is not None else zeros
+    scale = gamma * torch.rsqrt(bn.running_var.detach().to(wide) + bn.eps)
+    conv.weight.copy_(w * scale.reshape(-1, *([1] * (w.ndim - 1))))
+    conv.bias.copy_((bias - bn.running_mean.detach().to(wide)) * scale + beta)
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode inside the block; every submodule's own train/eval flag restored after (a plain
+    ``net.train()`` would wake Keras-frozen BatchNorm layers up)."""
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _tensors(module: nn.Module) -> Dict[str, Tensor]:
+    """Parameters and buffers (persistent or not) by name."""
+    out: Dict[str, Tensor] = dict(module.named_parameters())
+    out.update(dict(module.named_buffers()))
+    return out
+
+
+def _drop_hooks(net: nn.Module) -> None:
+    """Remove the module hooks ``deepcopy`` carried over (they would see folded convolutions and vanished
+    BatchNorm layers, and they get in the way of compilation)."""
+    for m in net.modules():
+        for name, value in vars(m).items():
+            if name.startswith(("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")) \
+                    and isinstance(value, dict):
+                value.clear()
+
+
+class FoldedCopy:
+    """A copy of ``source`` with BatchNorm ``pairs`` folded, and how to refresh it from ``source`` in place.
+
+    The copy is in eval mode, has ``requires_grad=False`` everywhere, shares no tensor with ``source`` and runs
+    without the source's module hooks.
+    """
+
+    def __init__(self, source: nn.Module, pairs: List[Tuple[str, str]], channels_last: bool = False) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            net = copy.deepcopy(source)
+            net.eval().requires_grad_(False)
+            _drop_hooks(net)
+            self.folds: List[Tuple[nn.Module, nn.Module, _BatchNorm]] = []
+            for conv_name, bn_name in pairs:
+                conv, bn = net.get_submodule(conv_name), net.get_submodule(bn_name)
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(conv.weight.new_zeros(conv.weight.shape[0]), requires_grad=False)
+                net.set_submodule(bn_name, _bn_replacement(bn)(bn))
+                self.folds.append((conv, source.get_submodule(conv_name), source.get_submodule(bn_name)))
+            if channels_last:
+                net.to(memory_format=torch.channels_last)
+            src = _tensors(source)
+            folded = {id(conv.weight) for conv, _, _ in self.folds} | {id(conv.bias) for conv, _, _ in self.folds}
+            self.sync: List[Tuple[Tensor, Tensor]] = [(t, src[n]) for n, t in _tensors(net).items()
+                                                      if id(t) not in folded]
+            self.net = net
+            self.refresh()
+
+    @property
+    def num_folded(self) -> int:
+        return len(self.folds)
+
+    def refresh(self) -> None:
+        """Copy every tensor from the source and refold (in place: compiled graphs / CUDA graphs stay valid)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for dst, src in self.sync:
+                dst.copy_(src)
+            for conv, src_conv, bn in self.folds:
+                fold_conv_bn_(conv, src_conv, bn)
+
+
+def fold_batchnorm(net: nn.Module, example: Tensor, channels_last: bool = False) -> nn.Module:
+    """A copy of ``net`` (for inference) with every foldable conv -> BatchNorm pair folded; ``net`` is unchanged.
+
+    Args:
+        net: any module; BatchNorm layers are folded with their running statistics (inference semantics).
+        example: an input ``net`` accepts (e.g. ``[1, 3, H, W]``), run once to find the pairs.
+        channels_last: also convert the copy to channels_last.
+
+    Returns:
+        the folded copy (eval mode, no gradients).
+    """
+    with eval_mode(net):
+        pairs = find_conv_bn_pairs(net, example)
+    return FoldedCopy(net, pairs, channels_last).net
+
+
+# ----------------------------------------------------------------------------- engine
+@contextlib.contextmanager
+def _no_tf32(device_type: str) -> Iterator[None]:
+    """True float32 convolutions / matmuls on CUDA (TF32 off) inside the block."""
+    if device_type != "cuda":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def precision_context(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast, or float32 without autocast and without TF32."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type, enabled=False))
+    stack.enter_context(_no_tf32(device_type))
+    return stack
+
+
+def relative_error(a: Tensor, ref: Tensor) -> float:
+    """``max |a - ref| / max |ref|`` in float32."""
+    a, ref = a.detach().float(), ref.detach().float()
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class InferenceEngine(nn.Module):
+    """``images [B, C, H, W] -> features [B, D]`` (float32) of ``source`` through the fast path (module docstring).
+
+    ``source`` is held by reference, not registered: the engine has no parameters of its own, adds nothing to a
+    parent's ``state_dict`` and its copy is rebuilt lazily on the source's device. Pickling / deep-copying an
+    engine drops the built copy (rebuilt on first use).
+
+    Args:
+        source: the network to run (e.g. ``normalize -> backbone``), in its trained state.
+        options: :class:`InferenceOptions` (or a dict of them).
+        name: shown in the log lines (e.g. the backbone's name).
+    """
+
+    def __init__(self, source: nn.Module, options: Union[InferenceOptions, Mapping[str, Any], None] = None,
+                 name: str = "model") -> None:
+        super().__init__()
+        self.__dict__["source"] = source  # not a submodule
+        self.options = as_inference_options(options)
+        self.name = name
+        self.planned_batches: Optional[int] = None
+        self.stats: Dict[str, float] = {"refreshes": 0, "refresh_seconds": 0.0, "compile_seconds": 0.0}
+        self._reset()
+
+    # -- state
+    def _reset(self) -> None:
+        self.__dict__["_copy"] = None  # FoldedCopy
+        self.__dict__["_compiled"] = None
+        self._device: Optional[torch.device] = None
+        self._dtype: Optional[torch.dtype] = None
+        self._sources: List[Tensor] = []
+        self._ids: List[int] = []
+        self._versions: List[int] = []
+        self._ptrs: List[int] = []
+        self._static: Dict[Tuple[int, ...], int] = {}  # sample shape -> compiled batch size
+        # undecided | compiled | eager (compilation failed) | declined (not worth it for this run)
+        self._compile_state = "undecided"
+        self._batch_dependent = False
+        self.status = "not built"
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_copy=None, _compiled=None, _device=None, _dtype=None, _sources=[], _ids=[], _versions=[],
+                     _ptrs=[], _static={}, _compile_state="undecided", status="not built")
+        return state
+
+    def plan(self, batches: Optional[int]) -> None:
+        """Start of a run (an epoch of validation / test / predict / frozen training): how many batches it has
+        (``compile="auto"`` on CPU uses it), and a full staleness check (tensors replaced, moved or ``.data``
+        reassigned; every call already checks in-place changes)."""
+        self.planned_batches = batches
+        if self._compile_state == "declined":
+            self._compile_state = "undecided"
+        if self._copy is not None and [id(t) for t in _tensors(self.source).values()] != self._ids:
+            self.__dict__["_copy"] = None  # rebuilt at the next call
+        else:
+            self.refresh(full=True)
+
+    def precision(self, device: Optional[Union[str, torch.device]] = None) -> str:
+        """Effective precision (``"bf16"`` / ``"fp32"``) on ``device`` (default: the source's)."""
+        if device is None:
+            device = next(iter(_tensors(self.source).values())).device
+        return self.options.effective_precision(device)
+
+    def describe(self, device: Optional[Union[str, torch.device]] = None) -> str:
+        """What affects the numbers the engine returns (for cache keys): ``"engine-bf16"`` / ``"engine-fp32"``;
+        ``"eager"`` when disabled."""
+        return f"engine-{self.precision(device)}" if self.options.enabled else "eager"
+
+    # -- building and refreshing
+    def _versions_now(self) -> List[int]:
+        return [t._version for t in self._sources]
+
+    def _ptrs_now(self) -> List[int]:
+        return [t.data_ptr() for t in self._sources]
+
+    def _build(self, x: Tensor) -> None:
+        source = self.source
+        tensors = list(_tensors(source).values())
+        self._reset()
+        start = time.perf_counter()
+        pairs: List[Tuple[str, str]] = []
+        if self.options.fold_bn:
+            example = x[:1].detach().float()
+            with eval_mode(source), torch.inference_mode(False), precision_context("fp32", x.device.type):
+                pairs, reference = _trace_conv_bn_pairs(source, example.clone())
+                folded = FoldedCopy(source, pairs, self.options.channels_last)
+                err = relative_error(folded.net(example.clone()), reference)
+            if err > FOLD_TOLERANCE:
+                rank_zero_info(f"inference engine: folding BatchNorm changed {self.name}'s output by {err:.1e} "
+                               f"(> {FOLD_TOLERANCE:g}); running it unfolded")
+                folded = FoldedCopy(source, [], self.options.channels_last)
+        else:
+            folded = FoldedCopy(source, [], self.options.channels_last)
+        self.__dict__["_copy"] = folded
+        self._sources, self._ids = tensors, [id(t) for t in tensors]
+        self._device, self._dtype = tensors[0].device, tensors[0].dtype
+        self._versions, self._ptrs = self._versions_now(), self._ptrs_now()
+        n_bn = sum(1 for m in source.modules() if isinstance(m, _BatchNorm))
+        # zero-padding a batch to the compiled size is exact only when samples do not see each other
+        self._batch_dependent = any(isinstance(m, _BatchNorm) and m.running_mean is None for m in source.modules())
+        self.status = f"eager, BatchNorm folded {folded.num_folded}/{n_bn}"
+        self.stats["build_seconds"] = time.perf_counter() - start
+
+    def refresh(self, full: bool = False) -> bool:
+        """Refresh the copy if the source changed since the last refresh (in-place changes: version counters;
+        ``full``: also storage pointers); returns whether it did."""
+        if self._copy is None:
+            return False
+        versions = self._versions_now()
+        ptrs = self._ptrs_now() if full or versions != self._versions else self._ptrs
+        if versions == self._versions and ptrs == self._ptrs:
+            return False
+        start = time.perf_counter()
+        self._copy.refresh()
+        self._versions, self._ptrs = versions, ptrs
+        self.stats["refreshes"] += 1
+        self.stats["refresh_seconds"] += time.perf_counter() - start
+        return True
+
+    def _ensure_ready(self, x: Tensor) -> FoldedCopy:
+        first = self._sources[0] if self._sources else None
+        if self._copy is None or first is None or first.device != self._device or first.dtype != self._dtype:
+            self._build(x)
+        else:
+            self.refresh()
+        return self._copy
+
+    # -- running
+    def _prepare(self, x: Tensor) -> Tensor:
+        if self.options.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` -> float32 features; gradients flow to ``x`` when it requires grad."""
+        folded = self._ensure_ready(x)
+        precision = self.options.effective_precision(x.device)
+        if torch.is_grad_enabled() and x.requires_grad:
+            with precision_context(precision, x.device.type):
+                return folded.net(self._prepare(x)).float()
+        with torch.no_grad():
+            return self._infer(folded, x, precision)
+
+    def _eager(self, folded: FoldedCopy, x: Tensor, precision: str) -> Tensor:
+        with torch.inference_mode(), precision_context(precision, x.device.type):
+            out = folded.net(self._prepare(x))
+        return out.to(torch.float32, copy=True)
+
+    def _infer(self, folded: FoldedCopy, x: Tensor, precision: str) -> Tensor:
+        if self._compile_state in ("eager", "declined") or self.options.compile is False:
+            return self._eager(folded, x, precision)
+        if self._compile_state == "compiled":
+            try:
+                return self._run_static(x, precision)
+            except Exception as err:  # e.g. a recompilation for a new input size that fails
+                self._fall_back(f"torch.compile failed ({type(err).__name__}: {_first_line(err)})")
+                return self._eager(folded, x, precision)
+        return self._warm_up(folded, x, precision)
+
+    def _warm_up(self, folded: FoldedCopy, x: Tensor, precision: str) -> Tensor:
+        """First batch: eager (timed), then compile if worth it, verify against eager, keep the better path."""
+        _sync(x.device)
+        start = time.perf_counter()
+        eager = self._eager(folded, x, precision)
+        _sync(x.device)
+        per_batch = time.perf_counter() - start
+        reason = self._compile_decision(x.device, per_batch)
+        if reason is not None:
+            self._compile_state = "declined"  # decided again at the next plan() (a longer run may be worth it)
+            self.status = self.status.split(", not compiled")[0] + f", not compiled ({reason})"
+            return eager
+        mode = self.options.mode
+        if mode == "auto":
+            mode = "reduce-overhead" if x.device.type == "cuda" else None
+        if self.options.backend != "inductor":
+            mode = None  # modes are inductor's
+        rank_zero_info(f"compiling {self.name} for inference (first batch; torch.compile mode={mode}, {precision}, "
+                       f"{self.status.split(', ', 1)[-1]})...")
+        start = time.perf_counter()
+        try:
+            self.__dict__["_compiled"] = torch.compile(folded.net, backend=self.options.backend, mode=mode,
+                                                          dynamic=False)
+            self._static[tuple(x.shape[1:])] = x.shape[0]
+            out = self._run_static(x, precision)
+            _sync(x.device)
+        except Exception as err:
+            self._fall_back(f"torch.compile failed ({type(err).__name__}: {_first_line(err)})")
+            return eager
+        seconds = time.perf_counter() - start
+        self.stats["compile_seconds"] += seconds
+        if self.options.verify:
+            err = relative_error(out, eager)
+            tol = VERIFY_TOLERANCE[precision]
+            if not math.isfinite(err) or err > tol:
+                self._fall_back(f"its compiled output differs from eager by {err:.1e} (> {tol:g})")
+                return eager
+        self._compile_state = "compiled"
+        self.status = self.status.replace("eager", "compiled", 1)
+        rank_zero_info(f"compiled {self.name} for inference in {seconds:.1f} s")
+        return out
+
+    def _compile_decision(self, device: torch.device, eager_seconds_per_batch: float) -> Optional[str]:
+        """``None`` to compile, else why not."""
+        if self._batch_dependent:
+            return "it has BatchNorm layers without running statistics (outputs depend on the batch)"
+        if self.options.compile is True or device.type == "cuda":
+            return None
+        if self.planned_batches is None:
+            return "compile='auto' on CPU without a planned run length"
+        estimate = eager_seconds_per_batch * self.planned_batches
+        if estimate < CPU_COMPILE_MIN_SECONDS:
+            return f"compile='auto' on CPU: ~{estimate:.0f} s of eager work < {CPU_COMPILE_MIN_SECONDS:.0f} s"
+        return None
+
+    def _fall_back(self, reason: str) -> None:
+        self._compile_state = "eager"
+        self.__dict__["_compiled"] = None
+        self.status = self.status.replace("compiled", "eager", 1) + ", compile failed"
+        rank_zero_info(f"inference engine: {self.name} runs eager: {reason}")
+
+    def _run_static(self, x: Tensor, precision: str) -> Tensor:
+        """The compiled copy on batches of the compiled size (zero-padded / split), float32 copies out."""
+        shape = tuple(x.shape[1:])
+        size = self._static.setdefault(shape, x.shape[0])
+        outs = []
+        for chunk in x.split(size):
+            n = chunk.shape[0]
+            if n < size:
+                chunk = torch.cat([chunk, chunk.new_zeros((size - n, *shape))])
+            with torch.inference_mode(), precision_context(precision, x.device.type):
+                out = self._compiled(self._prepare(chunk))
+            outs.append(out[:n].to(torch.float32, copy=True))  # copied before the next (CUDA graph) replay
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, {self.options}, status={self.status!r}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def inference_engine(source: nn.Module, options: Union[InferenceOptions, Mapping[str, Any], None] = None,
+                     name: str = "model") -> InferenceEngine:
+    """Function form of :class:`InferenceEngine`."""
+    return InferenceEngine(source, options, name)
+
+
+__all__ = [
+    "CPU_COMPILE_MIN_SECONDS",
+    "FoldedCopy",
+    "InferenceEngine",
+    "InferenceOptions",
+    "as_inference_options",
+    "find_conv_bn_pairs",
+    "fold_batchnorm",
+    "fold_conv_bn_",
+    "inference_engine",
+    "options_dict",
+    "precision_context",
+    "relative_error",
+]

@@ -1,0 +1,93 @@
+"""The inference engine on CUDA (skipped, and reported as skipped, without a GPU): every zoo model at its native size
+through the engine's float32 path agrees with float32 eager to 1e-4; the shipped default (bf16, compiled, CUDA
+graphs) for one model per family; float32 compiled; fine-tuned weights never served stale by a CUDA-graph engine.
+"""
+import pytest
+import torch
+
+from lightning_app.engine import InferenceEngine, relative_error
+from lightning_app.zoo import get_entry, list_models
+from test_engine import family_smallest, parity_photos, zoo_net
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """The float32 reference without TF32."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_fp32_engine_on_cuda_at_native_size(name):
+    """Every zoo model at its native size: the engine's float32 path (folded, channels_last, no TF32) against plain
+    float32 eager, max relative error <= 1e-4."""
+    size = get_entry(name).input_size
+    net = zoo_net(name, size).cuda()
+    x = parity_photos(size, 2).cuda()
+    with torch.no_grad():
+        ref = net(x)
+        out = InferenceEngine(net, {"precision": "fp32", "compile": False}, name=name)(x)
+    assert relative_error(out, ref) <= 1e-4, f"{name}: fp32 engine {relative_error(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(set(family_smallest().values())))
+def test_default_engine_on_cuda_agrees_with_fp32_eager(name):
+    """The shipped default on CUDA (bf16 autocast, compiled, CUDA graphs), one model per family (each compilation
+    costs about a minute): no more error than bf16 autocast of the plain module (plus half), and clear top-1
+    classes kept (see test_engine.test_bf16_engine_adds_no_error_to_bf16_autocast for why the bound is relative)."""
+    size = get_entry(name).input_size
+    net = zoo_net(name, size, top=True).cuda()
+    x = parity_photos(size).cuda()
+    with torch.no_grad():
+        ref = net(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            autocast = net(x).float()
+        engine = InferenceEngine(net, name=name)  # the shipped default: bf16, compiled, CUDA graphs
+        out = engine(x)
+        again = engine(x[:3])  # padded to the compiled batch
+    assert engine._compile_state == "compiled", engine.status
+    bound = relative_error(autocast, ref)
+    err = relative_error(out, ref)
+    print(f"{name}: bf16 compiled engine {err:.2e}, bf16 autocast {bound:.2e}")
+    assert err <= 1.5 * bound + 1e-3, f"{name}: bf16 compiled vs fp32 eager {err:.2e}, autocast {bound:.2e}"
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) / ref.abs().max() > 2 * bound
+    assert torch.equal(out.argmax(1)[clear], ref.argmax(1)[clear]), f"{name}: bf16 top-1 differs"
+    assert relative_error(again, out[:3]) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["ResNet50", "InceptionResNetV2"])
+def test_fp32_compiled_engine_on_cuda(name):
+    size = get_entry(name).input_size
+    net = zoo_net(name, size).cuda()
+    x = parity_photos(size, 2).cuda()
+    engine = InferenceEngine(net, {"precision": "fp32", "compile": True}, name=name)
+    with torch.no_grad():
+        ref = net(x)
+        out = engine(x)
+    assert engine._compile_state == "compiled", engine.status
+    assert relative_error(out, ref) <= 1e-4
+
+
+def test_cuda_graph_engine_serves_updated_weights():
+    net = zoo_net("ResNet50", 64).cuda()
+    x = torch.rand(8, 3, 64, 64, device="cuda")
+    engine = InferenceEngine(net, {"precision": "fp32", "compile": True, "mode": "reduce-overhead"}, name="ResNet50")
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, recording, replay
+            before = engine(x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    net.train()
+    net(x).square().mean().backward()
+    opt.step()
+    net.eval()
+    with torch.no_grad():
+        ref = net(x)
+        after = engine(x)
+    assert relative_error(ref, before) > 1e-3
+    assert relative_error(after, ref) <= 1e-4, "stale weights served after an optimizer step"
+
