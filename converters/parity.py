@@ -104,20 +104,26 @@ def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasMode
         if isinstance(layer, keras.layers.BatchNormalization):
             batchnorms.append((layer, layer.momentum))
             layer.momentum = 0.0  # one training-mode pass sets moving stats to the batch stats
-        if isinstance(layer, keras.layers.Normalization) and layer.weights:
-            # EfficientNet's built-in Rescaling(1/255) -> Normalization holds its statistics as weights, left
-            # at mean 0 / variance 1 by weights=None: set them so this graph computes the spec's preprocessing
-            # (Keras's ImageNet graph gets the same from the official values and an extra Rescaling)
-            values = {"mean": np.asarray(spec.mean), "variance": np.square(spec.std)}
-            for variable in layer.weights:
-                role = variable.name.rsplit("/", 1)[-1]
-                if role in values:
-                    variable.assign(values[role].reshape(tuple(variable.shape)).astype("float32"))
+    set_builtin_normalization(model, spec)
     if batchnorms:  # without BatchNorm (ConvNeXt) a training-mode pass changes nothing
         with torch.no_grad():
             model(keras_preprocess(calibration_images, spec), training=True)
     for layer, momentum in batchnorms:
         layer.momentum = momentum
+
+
+def set_builtin_normalization(model, spec: KerasModelSpec) -> None:
+    """EfficientNet's built-in Rescaling(1/255) -> Normalization holds its statistics as weights, left at mean 0 /
+    variance 1 by weights=None: set them so this graph computes the spec's preprocessing (Keras's ImageNet graph
+    gets the same from the official values and an extra Rescaling), in the model's own dtype."""
+    keras = import_keras()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization) and layer.weights:
+            values = {"mean": np.asarray(spec.mean, np.float64), "variance": np.square(np.asarray(spec.std, np.float64))}
+            for variable in layer.weights:
+                role = variable.name.rsplit("/", 1)[-1]
+                if role in values:
+                    variable.assign(values[role].reshape(tuple(variable.shape)).astype(variable.dtype))
 
 
 def keras_preprocess(images01: np.ndarray, spec: KerasModelSpec) -> np.ndarray:
@@ -284,6 +290,7 @@ def check_case_float64(case: ParityCase, load_model: ModelLoader = load_into_tim
     with keras_floatx("float64"):
         top, features, both = _keras_top_and_notop(case.spec, case.input_size, initialise=False)
         top.load_weights(str(case.h5[True]))
+        set_builtin_normalization(top, case.spec)  # the file holds them rounded to float32; ours uses them exact
         if getattr(case.spec, "keras_pooled_notop", None) is not None:  # its own final layer, not in the top
             features.load_weights(str(case.h5[False]))
         keras_features, keras_logits = keras_outputs(both, case.images.astype(np.float64), case.spec)

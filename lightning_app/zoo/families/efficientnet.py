@@ -122,10 +122,9 @@ def _create(variant: str, width: float, depth: float, dropout: float, pretrained
 #: Parity at the native size in CI: B0 and B3 (cost); the others on demand: python -m converters verify --model NAME.
 #: Measured on the parity harness's random weights (float32, relative to max |Keras|): B0-B6 top <= 5.6e-6, notop
 #: <= 2.5e-5. B7 at 600 FAILS float32: top 1.46e-3, notop 1.44e-3, with max |Keras| 252 / 1170 where B0-B6 give
-#: 0.6-1.4 / 3-13: the random B7 blows up. float64 (converters verify --float64) also FAILS 1e-9: top 1.66e-5,
-#: notop 2.50e-5. Unproven lead: in float64 Keras normalises with the file's float32-rounded mean / variance
-#: (1e-8 off the exact values the harness feeds ours) and this net amplifies ~1e3-1e4x; not yet ruled out:
-#: an architecture difference that only B7 shows. B0-B6 have not been run in float64.
+#: 0.6-1.4 / 3-13: the random B7 amplifies rounding. Its float64 check (converters verify --float64) gave 1.66e-5
+#: before the harness set Keras's Normalization to the exact values in float64 (the file rounds them to float32);
+#: with that, B0 float64 agrees to 4.3e-15 / 1.2e-14. B7 float64 with it: not yet run.
 _KERAS = dict(mode="torch", builtin_preprocessing=True, mapping=to_timm, first_conv="conv_stem",
               classifier="classifier")
 
