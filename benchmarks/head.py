@@ -62,7 +62,7 @@ def synthetic_features(labels: np.ndarray, dim: int, seed: int, classes: int = C
 def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
     from _ours import common_overrides, env_info, run_cli
     from _timing import median
-    from lightning_app.data.features import FeatureStore, backbone_digest, feature_cache_key
+    from lightning_app.data.features import FeatureStore, backbone_digest, extraction_cache_key
 
     written: Dict[str, str] = {}
 
@@ -72,7 +72,7 @@ def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
         digest = backbone_digest(module.backbone)
         for i, split in enumerate(("train", "val")):
             labels = np.asarray(dm.dataset(split).labels, np.int64)
-            key = feature_cache_key(module, dm, split, trainer.precision, digest)
+            key = extraction_cache_key(module, trainer, dm, split, digest)
             store = FeatureStore(spec["cache"], key)
             shards = store.shard_dir()
             shards.mkdir(parents=True, exist_ok=True)

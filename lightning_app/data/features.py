@@ -488,13 +488,10 @@ def extract_features(trainer: "pl.Trainer", module: nn.Module, datamodule: Any, 
     cache the predict loop runs zero batches.
     """
     digest = weights_digest or backbone_digest(module.backbone)
-
-    engine = module.engine if getattr(getattr(module, "inference_options", None), "enabled", False) else None
+    engine = _inference_engine(module)
 
     def key_fn(t: "pl.Trainer") -> Dict[str, Any]:
-        # the engine's numbers depend on its precision (bf16 on CUDA by default), not only on the Trainer's
-        precision = str(t.precision) + (f"/{engine.describe(t.strategy.root_device)}" if engine is not None else "")
-        return feature_cache_key(module, t.datamodule, split, precision, digest)
+        return extraction_cache_key(module, t, t.datamodule, split, digest)
 
     writer = FeatureShardWriter(key_fn, cache_dir, split, rebuild=rebuild)
     old_split, old_bs = datamodule.predict_split, datamodule.batch_size
@@ -535,6 +532,19 @@ def extract_features(trainer: "pl.Trainer", module: nn.Module, datamodule: Any, 
 def _predict_is_limited(trainer: "pl.Trainer") -> bool:
     limit = trainer.limit_predict_batches
     return bool(getattr(trainer, "fast_dev_run", False)) or not (isinstance(limit, float) and limit == 1.0)
+
+
+def _inference_engine(module: nn.Module) -> Optional[nn.Module]:
+    return module.engine if getattr(getattr(module, "inference_options", None), "enabled", False) else None
+
+
+def extraction_cache_key(module: nn.Module, trainer: "pl.Trainer", datamodule: Any, split: str,
+                         weights_digest: str) -> Dict[str, Any]:
+    """The cache key :func:`extract_features` looks for: :func:`feature_cache_key` with the precision the features
+    are computed in (the Trainer's, and the inference engine's where it runs them: bf16 on CUDA by default)."""
+    engine = _inference_engine(module)
+    precision = str(trainer.precision) + (f"/{engine.describe(trainer.strategy.root_device)}" if engine is not None else "")
+    return feature_cache_key(module, datamodule, split, precision, weights_digest)
 
 
 def prepare_feature_datamodule(trainer: "pl.Trainer", module: nn.Module, datamodule: Any,
@@ -578,6 +588,7 @@ __all__ = [
     "FeatureStore",
     "backbone_digest",
     "extract_features",
+    "extraction_cache_key",
     "feature_cache_key",
     "prepare_feature_datamodule",
 ]
