@@ -8,17 +8,9 @@ import torch
 from lightning_app.engine import InferenceEngine, relative_error
 from lightning_app.zoo import get_entry, list_models
 from test_engine import family_smallest, parity_photos, zoo_net
+from test_gpu import exact_fp32  # noqa: F401  (autouse: the float32 reference without TF32)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """The float32 reference without TF32."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("name", list_models())
