@@ -60,7 +60,7 @@ def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     wait = sum(b[3] - a[4] for a, b in zip(last, last[1:]))  # device timeline on a GPU (CUDA events)
     return {"env": env_info(cli.trainer), "device": "cuda" if env_info(cli.trainer).get("accelerator") == "cuda"
             else "cpu", "precision": str(cli.trainer.precision), "images": images, "batch": last[0][2],
-            "epoch_s": epochs, "first_epoch_s": epochs[0], "img_s": images / epochs[-1],
+            "compile_backbone": module.training_speedups(module.device)["compile_backbone"], "epoch_s": epochs, "first_epoch_s": epochs[0], "img_s": images / epochs[-1],
             "between_steps_pct": 100 * wait / epochs[-1]}
 
 
@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per epoch (2 epochs per runner)")
     p.add_argument("--batch", type=int, default=None, help="batch size for both (default: the config's)")
     p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--compile-backbone", choices=["true", "false"], default=None,
+                   help="ours with --model.compile_backbone set (default: the product's default for the device)")
     add_common_args(p)
     args = p.parse_args()
     exit_on_sigterm()
@@ -115,6 +117,7 @@ def main() -> None:
                 res.note(f"{model}: no Keras weights file, ours ran with random init")
             r = run_worker(Path(__file__).resolve(),
                            dict(common, job="ours", runner=OURS, h5=str(h5) if h5.is_file() else "null",
+                                compile_backbone=args.compile_backbone,
                                 config=str(args.config), run_dir=str(work / "runs")),
                            work / "logs", None, args.timeout)
             res.add(dict(r, model=model, size=size, runner=OURS))

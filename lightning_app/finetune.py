@@ -26,7 +26,7 @@ The phase is restored from the checkpoint *before* the wrap (``load_state_dict``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -179,6 +179,30 @@ def bn_is_frozen(module: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- compiled training forward
+def smallest_spatial_conv_input(net: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """The smallest side of any input to a convolution with a kernel larger than 1x1 when ``net`` runs on ``x``
+    (``None``: no such convolution). One forward of ``x`` without gradients, every module in inference mode for
+    it (no BatchNorm statistic moves), training flags restored after."""
+    sides: List[int] = []
+
+    def record(module: nn.Module, args: Tuple[Any, ...]) -> None:
+        sides.append(min(args[0].shape[-2:]))
+
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)]
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return min(sides) if sides else None
+
+
 class CompiledBackbone:
     """``torch.compile`` of a backbone's training forward that keeps working through layer-wise unfreezing.
 
@@ -196,8 +220,18 @@ class CompiledBackbone:
         self.compiled = torch.compile(backbone, **compile_kwargs)
         self.graphs = 0
         self.failed: Optional[str] = None
+        self._checked: Set[Tuple[int, ...]] = set()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed is None and x.is_cuda and tuple(x.shape[-2:]) not in self._checked:
+            self._checked.add(tuple(x.shape[-2:]))
+            side = smallest_spatial_conv_input(self.backbone, x[:1])
+            if side is not None and side <= 1:
+                self.failed = (f"a {x.shape[-2]}x{x.shape[-1]} input reaches a spatial convolution as a 1x1 feature map, "
+                               "whose compiled backward fails on CUDA (inductor mispredicts the weight gradient's "
+                               "strides, pytorch/pytorch#171622)")
+                rank_zero_warn(f"not compiling the training backbone: {self.failed}; training it eagerly (a larger "
+                               "image_size avoids this)")
         if self.failed is not None:
             return self.backbone(x)
         from torch._dynamo.utils import counters

@@ -63,9 +63,9 @@ STAGES: Tuple[str, ...] = ("extract", "head", "finetune")
 #: NCHW eager 2.74 img/s, channels_last eager 2.93, torch.compile 2.47 (channels_last 2.32; ~7 min to compile)
 CPU_TRAINING_DEFAULTS: Dict[str, bool] = {"channels_last": True, "compile_backbone": False}
 #: training defaults on CUDA: compiling the training backbone is opt-in (``model.compile_backbone: true``): on the
-#: H100 with torch 2.11, inductor's backward of a channels_last convolution failed (fake-kernel stride assertion in
-#: ``aten.convolution_backward``, tests/test_finetune.py::test_unfreezing_after_compilation_trains_the_new_group),
-#: an error at backward time that the forward's eager fallback cannot catch
+#: H100 with torch 2.11, inductor's backward of a channels_last 3x3 convolution on a 1x1 feature map failed
+#: (fake-kernel stride assertion in ``aten.convolution_backward``, pytorch/pytorch#171622), an error at backward
+#: time; ``finetune.CompiledBackbone`` now probes the input size and trains eagerly where such a map occurs
 CUDA_TRAINING_DEFAULTS: Dict[str, bool] = {"channels_last": True, "compile_backbone": False}
 
 #: ``weights`` value: Keras ImageNet weights when already in the local cache, else random init.

@@ -241,7 +241,10 @@ def test_unfreezing_after_compilation_trains_the_new_group(tmp_path, backend):
     not, and the number of compiled graphs stays bounded (one per trainable set and batch shape)."""
     if backend == "inductor" and not torch.cuda.is_available():
         pytest.skip("inductor training graphs take minutes to compile on 2 CPU cores; aot_eager checks the guards")
-    dm = tiny_data(n=40, batch_size=8)  # 30 training images: batches of 8, 8, 8, 6
+    # 64 px: test_resnet's last stage is 2x2. At 32 px it is 1x1, where torch 2.11's inductor mispredicts the
+    # stride of a channels_last convolution's weight gradient on CUDA (pytorch/pytorch#171622, #175969): an
+    # upstream bug of 1x1 feature maps, one reason compile_backbone is opt-in on CUDA (module.CUDA_TRAINING_DEFAULTS)
+    dm = tiny_data(n=40, batch_size=8, size=64)  # 30 training images: batches of 8, 8, 8, 6
     model = TransferModule("test_resnet", 3, weights=None, stage="finetune", lr=1e-2, compile_backbone=True,
                            compile_kwargs={"backend": backend})
     g = torch.Generator().manual_seed(0)
@@ -265,6 +268,33 @@ def test_unfreezing_after_compilation_trains_the_new_group(tmp_path, backend):
     assert all(torch.equal(snaps.weights[0][i], before[i]) for i in range(len(before)))  # frozen in epoch 0
     for key in snaps.stats[0]:
         assert torch.equal(snaps.stats[0][key], snaps.stats["end"][key]), key  # frozen BN: inference mode
+
+
+def test_smallest_spatial_conv_input_probe_moves_nothing():
+    """The probe behind the compiled backbone's 1x1 guard: test_resnet's last 3x3 convolutions see 1x1 maps at 32 px
+    and 2x2 at 64 px; the probe leaves training flags and BatchNorm statistics as they were."""
+    from lightning_app.finetune import smallest_spatial_conv_input
+
+    model = TransferModule("test_resnet", 3, weights=None, stage="finetune")
+    model.backbone.train()
+    stats = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    assert smallest_spatial_conv_input(model.backbone, torch.rand(1, 3, 32, 32)) == 1
+    assert smallest_spatial_conv_input(model.backbone, torch.rand(1, 3, 64, 64)) == 2
+    assert all(m.training for m in model.backbone.modules())
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in stats.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the guarded failure is CUDA's)")
+def test_compiled_backbone_on_1x1_feature_maps_trains_eagerly_with_a_warning(tmp_path):
+    """At 32 px test_resnet's last stage is 1x1, where inductor's compiled convolution backward fails on CUDA
+    (torch 2.11): the compiled backbone says so and trains eagerly instead of crashing in backward."""
+    dm = tiny_data(n=40, batch_size=8, size=32)
+    model = TransferModule("test_resnet", 3, weights=None, stage="finetune", lr=1e-2, compile_backbone=True,
+                           compile_kwargs={"backend": "inductor"})
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    with pytest.warns(UserWarning, match="1x1 feature map"):
+        trainer(tmp_path, accelerator="gpu", max_epochs=1, limit_val_batches=1).fit(model, dm)
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, model.backbone.parameters()))
 
 
 def test_batchnorm_momentum_callback_sets_every_batchnorm_when_fitting():
