@@ -181,3 +181,29 @@ def test_report_writes_loader_0_only_by_default(tmp_path):
     assert _two_loader_test(tmp_path / "all", per_dataloader=True) == sorted(
         f"{stem}_dl{i}.{ext}" for i in (0, 1) for stem, ext in (("confusion_matrix", "csv"), ("confusion_matrix", "png"),
                                                                 ("test_predictions", "png")))
+
+
+def test_curves_redraw_is_throttled_and_the_last_epoch_always_drawn(tmp_path, monkeypatch):
+    """``curves_every_s``: the first epoch is drawn, then at most one redraw per interval, and the end of training
+    always draws what is not drawn yet (here an early stop at epoch 2 of 5, so no "last epoch" redraw)."""
+    import lightning_app.reports as reports
+
+    drawn = []
+    real = reports.plot_curves
+    monkeypatch.setattr(reports, "plot_curves", lambda hist, path: drawn.append(len(hist)) or real(hist, path))
+
+    class StopAfter3(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch >= 2
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 3
+    dm = ArrayDataModule((rng.random((24, 8, 8, 3)) * 255).astype(np.uint8), labels, ["a", "b", "c"],
+                         image_size=32, batch_size=8, val_split=0.25, test_split=0.0, num_workers=0)
+    model = TransferModule("test_resnet", 3, weights=None, stage="finetune", lr=1e-2)
+    t = pl.Trainer(accelerator="cpu", max_epochs=5, logger=CSVLogger(tmp_path, name="run"),
+                   callbacks=[TrainingReport(grid_size=0, curves_every_s=1e9), StopAfter3()],
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    t.fit(model, dm)
+    assert drawn == [1, 3]  # epoch 0, then the end of training with all 3 epochs
+    assert (tmp_path / "run" / "version_0" / "reports" / "curves.png").read_bytes().startswith(PNG)
