@@ -2,13 +2,16 @@
 
 Batch contract (every image DataModule here):
 
-* loaders yield ``(images uint8 [B, 3, H, W], labels int64 [B], indices int64 [B])``, images
-  already resized in the CPU workers; ``indices`` are positions inside the split being served;
+* loaders yield ``(images uint8 [B, 3, h, w], labels int64 [B], indices int64 [B])``; ``indices`` are positions
+  inside the split being served. ``(h, w)`` is the model size ``image_size`` (resized in the CPU workers), or,
+  where the loader's dataset has one image size and the resize runs on the device (``resize_on``), that size;
+  :meth:`BaseImageDataModule.on_after_batch_transfer` then resizes the uint8 batch to ``image_size`` first,
+  with the same semantics (:func:`~lightning_app.data.resize.resize_batch`);
 * ``predict`` with ``predict_report_errors = True`` (the CLI's predict, :class:`~lightning_app.data.files.
   ImageFilesDataModule`) adds a fourth element, ``ok`` bool ``[B]``: ``False`` for an unreadable file (a black
   image), which is never replaced by another sample there;
 * after the transfer to the device, :meth:`BaseImageDataModule.on_after_batch_transfer` returns
-  ``(images float32 [B, 3, H, W] in [0, 1], labels, indices)``: train-time augmentation
+  ``(images float32 [B, 3, H, W] in [0, 1], labels, indices)`` at ``image_size``: train-time augmentation
   (only while ``trainer.training``), then :meth:`transform_batch` (``batch_transforms``).
   Normalisation is left to the model.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import os
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_app.data.augment import Augment, AugmentArg, build_augmentation, resolve_augment
-from lightning_app.data.resize import ImageSize, ResizeMode, as_hw
+from lightning_app.data.resize import RESIZE_ON, ImageSize, ResizeMode, ResizeOn, as_hw, resize_batch
 from lightning_app.data.sampling import ResumableTrainOrder
 from lightning_app.data.sources import SplitDataset
 from lightning_app.errors import ConfigError, DatasetLayoutError
@@ -70,6 +74,15 @@ class ConcatSplits(Dataset):
     def reporting(self) -> "ConcatSplits":
         return ConcatSplits([p.reporting() for p in self.parts])
 
+    @property
+    def uniform_size(self) -> Optional[Tuple[int, int]]:
+        """The one ``(H, W)`` of every part's source images, else ``None``."""
+        sizes = {p.uniform_size for p in self.parts if len(p)}
+        return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+    def unresized(self) -> "ConcatSplits":
+        return ConcatSplits([p.unresized() if len(p) else p for p in self.parts])
+
 
 _INV_255 = 1.0 / 255.0
 
@@ -91,12 +104,22 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
     Args:
         image_size: model input size, ``int`` or ``(height, width)``.
         batch_size: samples per batch (all stages).
-        num_workers: DataLoader worker processes (decode + resize happen there).
+        num_workers: DataLoader worker processes (decode, and resize unless on the device); ``None`` = automatic
+            (:func:`auto_num_workers`: 2 where the resize runs on the device or the model on the CPU, else one per
+            CPU core of this process less one, at most 16).
         augment: ``True`` (horizontal flip), ``False``/``None`` (none) or an :class:`Augment`;
             applied on the device to training batches only.
         resize: ``"squash"`` (plain bilinear resize, Keras' default) or ``"crop"`` (centre crop to the
             target aspect ratio, then resize; Keras ``crop_to_aspect_ratio=True``).
         antialias: antialiased downscaling (``False`` matches ``tf.image.resize``).
+        resize_on: where images are resized to ``image_size``: ``"workers"`` (per image, in the DataLoader
+            workers), ``"device"`` (per batch on the Trainer's device after the transfer, for data whose images all
+            have one size: in-memory arrays, CIFAR-10; a loader over images of varying size, e.g. a folder of JPEGs,
+            still resizes in the workers) or ``"auto"`` (default: ``device`` on a CUDA device, ``workers``
+            otherwise). On the device the workers send small images (CIFAR-10: 87x fewer bytes at 299 px) and the
+            GPU resizes in float32, rounded back to uint8: a few pixels may differ by one uint8 level from the
+            CPU's uint8 kernel (the feature cache key records it). On the CPU both places run the same kernel
+            (identical pixels); ``workers`` overlaps it with the model, so ``auto`` keeps it there.
         seed: seed of the split and of the training shuffle.
         predict_split: split served by :meth:`predict_dataloader`: ``train``, ``val``, ``test`` or
             ``all`` (train, val, test concatenated in that order); may be changed between runs.
@@ -115,7 +138,7 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         self,
         image_size: ImageSize = 224,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: Optional[int] = None,
         augment: AugmentArg = True,
         resize: ResizeMode = "squash",
         antialias: bool = False,
@@ -123,17 +146,21 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         predict_split: Split = "all",
         drop_last: bool = False,
         pin_memory: Optional[bool] = None,
+        resize_on: ResizeOn = "auto",
     ) -> None:
         super().__init__()
         if resize not in ("squash", "crop"):
             raise ConfigError(f"resize must be 'squash' or 'crop', got {resize!r}")
+        if resize_on not in RESIZE_ON:
+            raise ConfigError(f"resize_on must be one of {list(RESIZE_ON)}, got {resize_on!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 (or null for automatic), got {num_workers}")
         self.image_size: Tuple[int, int] = as_hw(image_size)
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers: Optional[int] = None if num_workers is None else int(num_workers)
+        self.resize_on: ResizeOn = resize_on
         self.augment: Augment = resolve_augment(augment)
         self.resize: ResizeMode = resize
         self.antialias = bool(antialias)
@@ -228,17 +255,46 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         return {s: len(self.dataset(s)) for s in SPLITS}
 
     # ------------------------------------------------------------------ loaders
+    def _device_type(self) -> str:
+        """The attached Trainer's device type (``"cpu"`` without a Trainer)."""
+        try:
+            return self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+        except Exception:  # a strategy without a device yet
+            return "cpu"
+
+    def resizes_on_device(self, dataset: Dataset) -> bool:
+        """Whether a loader over ``dataset`` leaves the resize to the device (``resize_on`` and the data's sizes)."""
+        if self.resize_on == "workers" or getattr(dataset, "uniform_size", None) is None:
+            return False
+        return self.resize_on == "device" or self._device_type() == "cuda"
+
+    def served_dataset(self, dataset: Dataset) -> Dataset:
+        """``dataset`` as a loader serves it: its :meth:`~lightning_app.data.sources.SplitDataset.unresized` view
+        where the resize runs on the device (:meth:`resizes_on_device`), else itself."""
+        return dataset.unresized() if self.resizes_on_device(dataset) else dataset  # type: ignore[attr-defined]
+
+    def loader_workers(self, dataset: Optional[Dataset] = None) -> int:
+        """``num_workers``, or when ``None`` :func:`auto_num_workers` for a loader over ``dataset``."""
+        if self.num_workers is not None:
+            return self.num_workers
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_node = max(1, world // max(1, getattr(self.trainer, "num_nodes", 1) or 1))
+        on_device = dataset is not None and self.resizes_on_device(dataset)
+        return auto_num_workers(on_device, self._device_type(), per_node)
+
     def _loader(self, dataset: Dataset, sampler: Optional[Sampler] = None, drop_last: bool = False,
                 persistent: bool = True) -> DataLoader:
-        """A DataLoader with the shared settings. It has its own seeded generator (it seeds the worker processes), so
-        iterating a loader never draws from the global RNG, which stays the model's (dropout, augmentation)."""
+        """A DataLoader with the shared settings over :meth:`served_dataset`. It has its own seeded generator (it
+        seeds the worker processes), so iterating a loader never draws from the global RNG, which stays the model's
+        (dropout, augmentation)."""
+        workers = self.loader_workers(dataset)
         return DataLoader(
-            dataset,
+            self.served_dataset(dataset),
             batch_size=self.batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=should_pin_memory(self.trainer, self.pin_memory),
-            persistent_workers=persistent and self.num_workers > 0,
+            persistent_workers=persistent and workers > 0,
             drop_last=drop_last,
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -301,13 +357,16 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         return self._augmentation
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """uint8 -> float [0, 1], augmentation while training, then :meth:`transform_batch`."""
+        """Resize to ``image_size`` when the loader left it to the device, uint8 -> float [0, 1], augmentation while
+        training, then :meth:`transform_batch`."""
         training = self.trainer is not None and bool(self.trainer.training)
         return self.prepare_batch(batch, dataloader_idx, train=training)
 
     def prepare_batch(self, batch: Batch, dataloader_idx: int = 0, train: bool = False) -> Batch:
         """What :meth:`on_after_batch_transfer` does, with the training flag explicit (for wrappers)."""
         images, labels, indices, *rest = batch  # rest: predict's ``ok`` flags
+        if tuple(images.shape[-2:]) != self.image_size:  # served at the source's size (``resize_on``)
+            images = resize_batch(images, self.image_size, self.resize, self.antialias)
         images = to_float01(images)
         if train and self.augmentation is not None:
             images = self.augmentation(images)
@@ -335,6 +394,21 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
                 self._splits[s].update_fingerprint(h)
             self._fingerprints[split] = h.hexdigest()
         return self._fingerprints[split]
+
+
+def auto_num_workers(resize_on_device: bool, device_type: str, processes_per_node: int = 1) -> int:
+    """DataLoader workers per process when the config leaves ``num_workers`` unset: 2 where the workers only slice
+    an array and collate (resize on the device) or where the model runs on the CPU (whose cores it needs; its
+    forward is far slower than the decode + resize of a batch), else (decode + resize feeding an accelerator) one
+    per CPU core available to this process's share of the node, less one for the main process, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    share = max(1, cpus // max(1, processes_per_node))
+    if resize_on_device or device_type == "cpu":
+        return min(2, share)
+    return max(1, min(share - 1, 16))
 
 
 def should_pin_memory(trainer: Optional["pl.Trainer"], requested: Optional[bool] = None) -> bool:

@@ -7,7 +7,7 @@ import numpy as np
 
 from lightning_app.data.augment import AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
-from lightning_app.data.resize import ImageSize, ResizeMode
+from lightning_app.data.resize import ImageSize, ResizeMode, ResizeOn
 from lightning_app.data.sources import ArraySource, SplitDataset
 from lightning_app.data.splits import stratified_split
 from lightning_app.errors import ConfigError, DatasetLayoutError
@@ -31,7 +31,7 @@ class ArrayDataModule(BaseImageDataModule):
         name: str = "array",
         image_size: ImageSize = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: Optional[int] = 0,
         val_split: float = 0.1,
         test_split: float = 0.2,
         seed: int = 0,
@@ -41,11 +41,12 @@ class ArrayDataModule(BaseImageDataModule):
         predict_split: Split = "all",
         drop_last: bool = False,
         pin_memory: Optional[bool] = None,
+        resize_on: ResizeOn = "auto",
     ) -> None:
         super().__init__(
             image_size=image_size, batch_size=batch_size, num_workers=num_workers, augment=augment,
             resize=resize, antialias=antialias, seed=seed, predict_split=predict_split,
-            drop_last=drop_last, pin_memory=pin_memory,
+            drop_last=drop_last, pin_memory=pin_memory, resize_on=resize_on,
         )
         self._set_class_names(class_names)
         if (test_images is None) != (test_labels is None):
@@ -89,7 +90,7 @@ class DigitsDataModule(ArrayDataModule):
         self,
         image_size: ImageSize = 96,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: Optional[int] = 0,
         val_split: float = 0.1,
         test_split: float = 0.2,
         seed: int = 0,
@@ -99,11 +100,12 @@ class DigitsDataModule(ArrayDataModule):
         predict_split: Split = "all",
         drop_last: bool = False,
         pin_memory: Optional[bool] = None,
+        resize_on: ResizeOn = "auto",
     ) -> None:
         images, labels = digits_arrays()
         super().__init__(
             images, labels, [str(i) for i in range(10)], name="sklearn_digits",
             image_size=image_size, batch_size=batch_size, num_workers=num_workers, val_split=val_split,
             test_split=test_split, seed=seed, augment=augment, resize=resize, antialias=antialias,
-            predict_split=predict_split, drop_last=drop_last, pin_memory=pin_memory,
+            predict_split=predict_split, drop_last=drop_last, pin_memory=pin_memory, resize_on=resize_on,
         )

@@ -17,7 +17,7 @@ import numpy as np
 
 from lightning_app.data.augment import AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
-from lightning_app.data.resize import ImageSize, ResizeMode
+from lightning_app.data.resize import ImageSize, ResizeMode, ResizeOn
 from lightning_app.data.sources import ArraySource, SplitDataset
 from lightning_app.data.splits import stratified_split
 from lightning_app.errors import DatasetFileError, DatasetNotFoundError
@@ -145,7 +145,7 @@ class Cifar10DataModule(BaseImageDataModule):
         root: str = "data",
         image_size: ImageSize = 224,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: Optional[int] = None,
         val_split: float = 0.1,
         seed: int = 0,
         download: bool = True,
@@ -156,11 +156,12 @@ class Cifar10DataModule(BaseImageDataModule):
         predict_split: Split = "all",
         drop_last: bool = False,
         pin_memory: Optional[bool] = None,
+        resize_on: ResizeOn = "auto",
     ) -> None:
         super().__init__(
             image_size=image_size, batch_size=batch_size, num_workers=num_workers, augment=augment,
             resize=resize, antialias=antialias, seed=seed, predict_split=predict_split,
-            drop_last=drop_last, pin_memory=pin_memory,
+            drop_last=drop_last, pin_memory=pin_memory, resize_on=resize_on,
         )
         self.root = Path(os.path.expanduser(root))
         self.val_split = float(val_split)

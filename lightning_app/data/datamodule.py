@@ -13,7 +13,7 @@ from lightning_app.data.filesets import FileList, build_file_splits
 from lightning_app.data.folders import find_classes, index_class_folders, resolve_split_dir
 from lightning_app.data.food import Food101DataModule
 from lightning_app.data.images import Verify, check_verify_mode
-from lightning_app.data.resize import ImageSize, ResizeMode
+from lightning_app.data.resize import ImageSize, ResizeMode, ResizeOn
 from lightning_app.data.sources import SplitDataset
 from lightning_app.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError
 
@@ -59,7 +59,7 @@ class ImageFolderDataModule(BaseImageDataModule):
         root: str,
         image_size: ImageSize = 224,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: Optional[int] = None,
         val_split: float = 0.2,
         test_split: float = 0.0,
         seed: int = 0,
@@ -73,11 +73,12 @@ class ImageFolderDataModule(BaseImageDataModule):
         predict_split: Split = "all",
         drop_last: bool = False,
         pin_memory: Optional[bool] = None,
+        resize_on: ResizeOn = "auto",
     ) -> None:
         super().__init__(
             image_size=image_size, batch_size=batch_size, num_workers=num_workers, augment=augment,
             resize=resize, antialias=antialias, seed=seed, predict_split=predict_split,
-            drop_last=drop_last, pin_memory=pin_memory,
+            drop_last=drop_last, pin_memory=pin_memory, resize_on=resize_on,
         )
         check_verify_mode(verify)
         if not (0 <= val_split < 1 and 0 <= test_split < 1 and val_split + test_split < 1):

@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from lightning_app.atomic import atomic_write
 from lightning_app.data.feature_loader import EVAL_CHUNK_ROWS, FeatureLoader
+from lightning_app.data.host_copy import HostCopyQueue
 from lightning_app.errors import DataMismatchError
 from lightning_app.zoo.weights import file_digest, state_dict_digest
 
@@ -244,7 +245,9 @@ class FeatureExtractor(pl.LightningModule):
 
 class FeatureShardWriter(BasePredictionWriter):
     """Checks the cache, then writes each rank's features, labels and dataset indices (``batch[2]``)
-    as raw shard files.
+    as raw shard files. A batch's rows are copied to pinned host memory without a device sync and written once the
+    copy has completed (at most a few batches later, always in batch order; the rest at the end of the loop), so
+    the writer never stalls the device queue.
 
     Everything that needs the data or other ranks happens in ``setup`` (inside the Trainer call, after
     ``prepare_data`` / ``setup`` of the DataModule and with the process group up): the key is computed
@@ -264,6 +267,7 @@ class FeatureShardWriter(BasePredictionWriter):
         self.cached = False
         self._limit: Any = None
         self._files: Dict[str, Any] = {}
+        self._copies = HostCopyQueue(max_pending=4)
         self._count = 0
         self._dim = 0
 
@@ -309,24 +313,33 @@ class FeatureShardWriter(BasePredictionWriter):
         (self.shard_dir / f"rank{r}.json").unlink(missing_ok=True)
         self._files = {k: open(self.shard_dir / f"rank{r}.{k}.bin", "wb") for k in ("features", "labels", "indices")}
         self._count, self._dim = 0, 0
+        self._copies.clear()
 
     def write_on_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
+        """Queue the batch's features, labels and indices for the host (no device sync: the copy runs behind the
+        queued work) and write the batches whose copies have completed, in batch order."""
         if len(batch) < 3:
             raise ValueError("feature extraction needs batches (images, labels, dataset indices)")
-        feats = prediction.detach().to(torch.float32).cpu().numpy()
-        if feats.ndim != 2:
-            raise ValueError(f"the backbone must return pooled features [B, D], got shape {feats.shape}")
-        if self._dim and feats.shape[1] != self._dim:
-            raise ValueError(f"feature width changed from {self._dim} to {feats.shape[1]}")
-        self._dim = feats.shape[1]
-        self._files["features"].write(np.ascontiguousarray(feats).tobytes())
-        self._files["labels"].write(batch[1].detach().cpu().numpy().astype(np.int64).tobytes())
-        self._files["indices"].write(batch[2].detach().cpu().numpy().astype(np.int64).tobytes())
-        self._count += feats.shape[0]
+        if prediction.ndim != 2:
+            raise ValueError(f"the backbone must return pooled features [B, D], got shape {tuple(prediction.shape)}")
+        if self._dim and prediction.shape[1] != self._dim:
+            raise ValueError(f"feature width changed from {self._dim} to {prediction.shape[1]}")
+        self._dim = int(prediction.shape[1])
+        self._copies.push([prediction.detach().to(torch.float32), batch[1].detach().to(torch.int64),
+                           batch[2].detach().to(torch.int64)])
+        self._write(self._copies.ready())
+
+    def _write(self, groups: Any) -> None:
+        for feats, labels, indices in groups:
+            self._files["features"].write(np.ascontiguousarray(feats).tobytes())
+            self._files["labels"].write(np.ascontiguousarray(labels).tobytes())
+            self._files["indices"].write(np.ascontiguousarray(indices).tobytes())
+            self._count += feats.shape[0]
 
     def on_predict_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._write(self._copies.drain())
         for f in self._files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -544,7 +557,22 @@ def extraction_cache_key(module: nn.Module, trainer: "pl.Trainer", datamodule: A
     are computed in (the Trainer's, and the inference engine's where it runs them: bf16 on CUDA by default)."""
     engine = _inference_engine(module)
     precision = str(trainer.precision) + (f"/{engine.describe(trainer.strategy.root_device)}" if engine is not None else "")
-    return feature_cache_key(module, datamodule, split, precision, weights_digest)
+    key = feature_cache_key(module, datamodule, split, precision, weights_digest)
+    resize = device_resize_tag(trainer, datamodule, split)
+    if resize is not None:
+        key["resize"] = resize
+    return key
+
+
+def device_resize_tag(trainer: "pl.Trainer", datamodule: Any, split: str) -> Optional[str]:
+    """``"device:<type>"`` where ``split``'s images are resized on a non-CPU device (float32 rounded to uint8 there:
+    a pixel may differ by one level from the CPU workers' uint8 kernel), else ``None``: on the CPU the device path
+    runs the workers' kernel, bit-identical, so the key (and caches written before) stay the same."""
+    resizes = getattr(datamodule, "resizes_on_device", None)
+    if resizes is None or not resizes(datamodule.dataset(split)):
+        return None
+    device = trainer.strategy.root_device.type
+    return None if device == "cpu" else f"device:{device}"
 
 
 def prepare_feature_datamodule(trainer: "pl.Trainer", module: nn.Module, datamodule: Any,

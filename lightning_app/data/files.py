@@ -50,7 +50,7 @@ class ImageFilesDataModule(BaseImageDataModule):
     """
 
     def __init__(self, inputs: List[str], class_names: Sequence[str] = (), image_size: ImageSize = 224,
-                 batch_size: int = 32, num_workers: int = 2, resize: ResizeMode = "squash", antialias: bool = False,
+                 batch_size: int = 32, num_workers: Optional[int] = None, resize: ResizeMode = "squash", antialias: bool = False,
                  pin_memory: Optional[bool] = None) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, augment=False,
                          resize=resize, antialias=antialias, predict_split="train", pin_memory=pin_memory)

@@ -10,7 +10,7 @@ from lightning_app.data.augment import AugmentArg
 from lightning_app.data.base import BaseImageDataModule, Split
 from lightning_app.data.filesets import build_file_splits
 from lightning_app.data.images import Verify, check_verify_mode
-from lightning_app.data.resize import ImageSize, ResizeMode
+from lightning_app.data.resize import ImageSize, ResizeMode, ResizeOn
 from lightning_app.data.sources import SplitDataset
 from lightning_app.errors import DatasetLayoutError, DatasetNotFoundError
 
@@ -120,7 +120,7 @@ class Food101DataModule(BaseImageDataModule):
         root: str = "data",
         image_size: ImageSize = 224,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: Optional[int] = None,
         val_split: float = 0.1,
         seed: int = 0,
         download: bool = True,
@@ -131,11 +131,12 @@ class Food101DataModule(BaseImageDataModule):
         predict_split: Split = "all",
         drop_last: bool = False,
         pin_memory: Optional[bool] = None,
+        resize_on: ResizeOn = "auto",
     ) -> None:
         super().__init__(
             image_size=image_size, batch_size=batch_size, num_workers=num_workers, augment=augment,
             resize=resize, antialias=antialias, seed=seed, predict_split=predict_split,
-            drop_last=drop_last, pin_memory=pin_memory,
+            drop_last=drop_last, pin_memory=pin_memory, resize_on=resize_on,
         )
         check_verify_mode(verify)
         self.root = Path(os.path.expanduser(root))

@@ -1,4 +1,5 @@
-"""Resize a decoded image to the model's input size, in the CPU workers.
+"""Resize decoded images to the model's input size: one image in the CPU workers (:func:`resize_image`) or a
+batch of same-size images on the device after the transfer (:func:`resize_batch`), with the same semantics.
 
 ``"squash"`` (default) is what ``keras.utils.image_dataset_from_directory(image_size=...)`` does:
 a plain bilinear resize to (H, W), aspect ratio not kept. ``"crop"`` is Keras'
@@ -8,6 +9,10 @@ then resize it (the same geometry as "resize the shorter side, then centre crop"
 ``antialias=False`` (default) matches ``tf.image.resize(method="bilinear")`` (half-pixel centres,
 no antialiasing), the Keras default; ``True`` gives PIL-like antialiased downscaling.
 Unlike Keras, the result is rounded back to uint8 (difference <= 0.5/255 per pixel).
+
+Both functions call torchvision's ``resize`` on uint8 ``[..., 3, H, W]``: on the CPU that is its native uint8
+kernel (per image or per batch, bit-identical), on CUDA a float32 interpolation rounded back to uint8, which can
+differ from the CPU kernel by one uint8 level on a few pixels (its fixed-point weights round differently).
 """
 from __future__ import annotations
 
@@ -21,6 +26,11 @@ from torchvision.transforms.v2 import functional as TF
 from lightning_app.errors import ConfigError
 
 ResizeMode = Literal["squash", "crop"]
+#: where the resize to the model size runs: ``auto`` (device when every image of the served data has one size and
+#: the Trainer runs on CUDA, else workers), ``workers`` (the DataLoader workers, per image) or ``device`` (after the
+#: transfer, per batch; wherever the images have one size)
+ResizeOn = Literal["auto", "workers", "device"]
+RESIZE_ON: Tuple[str, ...] = ("auto", "workers", "device")
 ImageSize = Union[int, Sequence[int]]
 
 
@@ -54,19 +64,30 @@ def resize_image(
     antialias: bool = False,
 ) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array (or ``(3, H, W)`` uint8 tensor) -> ``(3, *size)`` uint8 tensor."""
-    if mode not in ("squash", "crop"):
-        raise ConfigError(f"resize must be 'squash' or 'crop', got {mode!r}")
     if isinstance(image, np.ndarray):
         # numpy's HWC -> CHW copy (a channels-last tensor makes resize / contiguous() very slow on CPU);
         # np.array(copy=True): the result never shares memory with the caller's array
         image = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True))
     else:
         image = image.clone(memory_format=torch.contiguous_format)
-    h, w = image.shape[-2:]
+    return resize_batch(image, size, mode, antialias)
+
+
+def resize_batch(
+    images: torch.Tensor,
+    size: Tuple[int, int],
+    mode: ResizeMode = "squash",
+    antialias: bool = False,
+) -> torch.Tensor:
+    """uint8 ``[..., 3, h, w]`` (one size for all) -> uint8 ``[..., 3, *size]``, on the tensor's device; the
+    same crop box for every image. Returns ``images`` itself when nothing is to be done."""
+    if mode not in ("squash", "crop"):
+        raise ConfigError(f"resize must be 'squash' or 'crop', got {mode!r}")
+    h, w = images.shape[-2:]
     if mode == "crop":
         top, left, ch, cw = center_crop_box(h, w, size)
-        image = image[:, top:top + ch, left:left + cw]
+        images = images[..., top:top + ch, left:left + cw]
         h, w = ch, cw
     if (h, w) != tuple(size):
-        return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=antialias).contiguous()
-    return image.contiguous()
+        return TF.resize(images, list(size), interpolation=InterpolationMode.BILINEAR, antialias=antialias).contiguous()
+    return images.contiguous()

@@ -4,6 +4,8 @@ A *source* holds every sample of a dataset (labels known up front) and decodes o
 A :class:`SplitDataset` is a view of some source ids (one split) that yields
 ``(uint8 [3, H, W] image already resized, int label, int index)``, where ``index`` is the
 position inside the split; it is what the feature cache and per-sample seeded perturbations key on.
+Its :meth:`~SplitDataset.unresized` view (sources whose images all have one size) yields the images at that
+size instead, for a resize on the device (:func:`lightning_app.data.resize.resize_batch`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ class Source(Protocol):
     def update_fingerprint(self, h: "hashlib._Hash", ids: np.ndarray) -> None:
         """Feed the identity of samples ``ids`` (in order) into ``h``."""
 
+    @property
+    def uniform_size(self) -> Optional[Tuple[int, int]]:
+        """``(H, W)`` when every sample has that size (known without decoding), else ``None``."""
+
 
 class FileSource:
     """Image files with integer labels; ``root`` makes fingerprints independent of where the set lives."""
@@ -52,6 +58,11 @@ class FileSource:
 
     def load(self, i: int) -> np.ndarray:
         return load_rgb(self.paths[i])
+
+    @property
+    def uniform_size(self) -> Optional[Tuple[int, int]]:
+        """``None``: file sizes are only known once decoded."""
+        return None
 
     def describe(self, i: int) -> str:
         return self.paths[i]
@@ -86,6 +97,11 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def uniform_size(self) -> Optional[Tuple[int, int]]:
+        """``(H, W)`` of the array."""
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
     def load(self, i: int) -> np.ndarray:
         img = self.images[i]
         if img.ndim == 2:
@@ -114,6 +130,8 @@ class SplitDataset(Dataset):
 
     :meth:`reporting` gives the view used for prediction, where a file's row must be its own: it never
     substitutes and yields ``(image, label, index, ok)``, a black image with ``ok=False`` for an unreadable file.
+    :meth:`unresized` gives the view that leaves the resize to the device (same samples, images at the source's
+    one size).
     """
 
     def __init__(
@@ -130,13 +148,39 @@ class SplitDataset(Dataset):
         self.resize = resize
         self.antialias = antialias
         self.report_errors = False
+        self.resize_in_worker = True
+
+    def _view(self) -> "SplitDataset":
+        view = SplitDataset(self.source, self.ids, self.image_size, self.resize, self.antialias)
+        view.report_errors, view.resize_in_worker = self.report_errors, self.resize_in_worker
+        return view
 
     def reporting(self) -> "SplitDataset":
         """The same samples, yielding ``(image, label, index, ok)`` and never another sample in place of an
         unreadable one (see the class docstring)."""
-        view = SplitDataset(self.source, self.ids, self.image_size, self.resize, self.antialias)
+        view = self._view()
         view.report_errors = True
         return view
+
+    @property
+    def uniform_size(self) -> Optional[Tuple[int, int]]:
+        """The one ``(H, W)`` of this split's source images (``None``: sizes vary or are unknown)."""
+        return self.source.uniform_size
+
+    def unresized(self) -> "SplitDataset":
+        """The same samples with images at the source's size (:attr:`uniform_size`), uint8 ``[3, h, w]``; the
+        resize to ``image_size`` is left to :func:`lightning_app.data.resize.resize_batch` on the device."""
+        if self.uniform_size is None:
+            raise ValueError(f"{self.describe(0) if len(self) else 'this split'}: images of varying size cannot be "
+                             f"batched before resizing")
+        view = self._view()
+        view.resize_in_worker = False
+        return view
+
+    @property
+    def served_size(self) -> Tuple[int, int]:
+        """``(H, W)`` of the images this view yields."""
+        return self.image_size if self.resize_in_worker else self.uniform_size  # type: ignore[return-value]
 
     def describe(self, index: int) -> str:
         """The file path (or array name) of sample ``index``."""
@@ -153,6 +197,8 @@ class SplitDataset(Dataset):
     def _sample(self, i: int) -> Tuple[torch.Tensor, int]:
         sid = int(self.ids[i])
         img = self.source.load(sid)
+        if not self.resize_in_worker:  # HWC -> CHW copy, no resize (see ``unresized``)
+            return torch.from_numpy(np.array(img.transpose(2, 0, 1), order="C", copy=True)), int(self.source.labels[sid])
         return resize_image(img, self.image_size, self.resize, self.antialias), int(self.source.labels[sid])
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
@@ -166,7 +212,7 @@ class SplitDataset(Dataset):
             first = err
         if self.report_errors:
             warn_bad_image(first.path, f"{first}; it gets a row with the error, no prediction")
-            blank = torch.zeros((3, *self.image_size), dtype=torch.uint8)
+            blank = torch.zeros((3, *self.served_size), dtype=torch.uint8)
             return blank, int(self.source.labels[int(self.ids[index])]), index, False
         for step in range(1, n):
             j = (index + step) % n

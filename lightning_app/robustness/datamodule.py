@@ -143,9 +143,15 @@ class RobustnessDataModule(pl.LightningDataModule):
         return UnpaddedShardSampler(ds, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"])
 
     def _loader(self, ds: Dataset) -> DataLoader:
+        """The inner DataModule's loader settings: its served view (resize on the device where it would be) and
+        worker count."""
         inner = self.datamodule
-        return DataLoader(ds, batch_size=inner.batch_size, shuffle=False, sampler=self._sampler(ds),
-                          num_workers=inner.num_workers,
+        base, subset = (ds.dataset, ds.indices) if isinstance(ds, Subset) else (ds, None)
+        workers = inner.loader_workers(base) if hasattr(inner, "loader_workers") else inner.num_workers
+        served = inner.served_dataset(base) if hasattr(inner, "served_dataset") else base
+        served = Subset(served, subset) if subset is not None else served
+        return DataLoader(served, batch_size=inner.batch_size, shuffle=False, sampler=self._sampler(ds),
+                          num_workers=workers,
                           pin_memory=should_pin_memory(self.trainer, getattr(inner, "pin_memory", None)))
 
     def test_dataloader(self) -> List[DataLoader]:
