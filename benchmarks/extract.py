@@ -11,15 +11,19 @@ Timed with a callback: ``wall_s`` from ``before_fit`` to the start of head train
 written and merged, warm-up and compilation included); ``img_s`` the steady state of the train split (first
 ``--warmup-batches`` and a smaller last batch left out, data waits included); where the time goes inside that
 window: ``model %`` = inside ``predict_step`` (the backbone; on a GPU its device time, from CUDA events, with no
-synchronisation added to the loop), the rest = waiting for the DataLoader (decode + resize in CPU workers),
-the device-side batch preparation and the cache writer. ``loader img/s``:
-the image DataModule's predict loader alone (no model), from its start, over ``--loader-batches`` batches.
+synchronisation added to the loop), the rest = waiting for the DataLoader (decode, and the resize where it runs in
+the CPU workers), the device-side batch preparation (the resize where it runs on the device: ``resize on``,
+``data.resize_on``; uint8 -> float) and the cache writer. ``input pipeline alone img/s``: the image DataModule's
+predict loader as the product builds it (``workers``: its worker count), the transfer and the device-side
+preparation, no model, from the loader's start, over ``--loader-batches`` batches. ``--resize-on workers device``
+runs ours once per value (a second table).
 Keras: ``Resizing`` + ``preprocess_input`` + ``include_top=False, pooling="avg"`` model, ``predict`` over the
 same images, ``np.save`` (see ``_keras.extract``); ``img_s`` is a second, warm ``predict``.
-Sanity guard: ours and Keras features of two images must agree (``rel diff``; ours resizes to uint8 in the
-data workers, Keras in float on the device, so ~1e-2 is expected, bf16 more).
+Sanity guard: ours and Keras features of two images must agree (``rel diff``; ours resizes to uint8 (workers or
+device), Keras in float on the device, so ~1e-2 is expected, bf16 more).
 
 Usage: python benchmarks/extract.py [--models InceptionV3 ResNet50] [--n-images 448] [--batch 64]
+                                    [--resize-on workers device]
                                     [--keras jax tensorflow] [--json out.json]
 Defaults: on a GPU InceptionV3, ResNet50, Xception and VGG16 (the seed notebooks' backbones; the other four:
 ``--models NASNetLarge InceptionResNetV2 ResNet152V2 DenseNet201``, a second run: each model costs a Keras-JAX
@@ -55,6 +59,8 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
             "--data.init_args.root", spec["data"], "--data.init_args.image_size", spec["size"],
             "--features.cache_dir", spec["cache"], "--features.rebuild", "true",
             "--trainer.max_epochs", 0, "--test_after_fit", "false"]
+    if spec.get("resize_on"):
+        args += ["--data.init_args.resize_on", spec["resize_on"]]
     if spec.get("batch_override"):
         args += ["--data.init_args.batch_size", spec["batch"], "--features.extract_batch_size", spec["batch"]]
     cli, timer = run_cli(args)
@@ -82,17 +88,55 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         out["sample_features"] = np.asarray(fdm.sets["train"].features[:SAMPLE_ROWS], np.float64).tolist()
     except (AttributeError, KeyError, TypeError) as err:
         out["sample_note"] = f"no sanity guard: the feature DataModule changed shape ({err})"
+    out["resize_on"] = "device" if source is not None and source.resizes_on_device(source.dataset("train")) \
+        else "workers"
+    out["num_workers"] = source.loader_workers(source.dataset("train")) if source is not None else None
     if spec["loader_batches"] and source is not None:
-        # the image loader alone, timed from its start (workers included: batches they prefetch while the first
-        # one is awaited would otherwise look free), over up to loader_batches batches of the train split
-        source.predict_split = "train"
-        t, n = now(), 0
-        for i, batch in enumerate(source.predict_dataloader()):
-            n += len(batch[1])
-            if i + 1 >= spec["loader_batches"]:
-                break
-        out["loader_img_s"] = n / (now() - t) if n else float("nan")
+        out["loader_img_s"] = _input_pipeline_rate(source, cli.trainer.strategy.root_device, spec["loader_batches"])
     return out
+
+
+def _input_pipeline_rate(source: Any, device: Any, batches: int) -> float:
+    """Images/s of the input pipeline alone (no model): the train split's predict loader as the product builds it
+    (workers, pinned memory), the transfer to ``device`` and the DataModule's device-side preparation (resize where
+    it runs there, uint8 -> float), timed from the loader's start (batches the workers prefetch while the first one
+    is awaited would otherwise look free) over up to ``batches`` batches, device work included."""
+    import torch
+    from _timing import now
+
+    source.predict_split = "train"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t, n = now(), 0
+    for i, batch in enumerate(source.predict_dataloader()):
+        batch = [b.to(device, non_blocking=True) for b in batch]
+        source.prepare_batch(batch)
+        n += len(batch[1])
+        if i + 1 >= batches:
+            break
+    sync()
+    return n / (now() - t) if n else float("nan")
+
+
+def _run_ours(res: Any, args: Any, common: Dict[str, Any], work: Path, h5_arg: str, keras_features: Dict[str, Path],
+              backends: Any, policy: str, model: str, entry: Any, resize_on: Any) -> None:
+    """One row of ours (``resize_on``: the DataModule's, ``None`` = the config's) and its sanity guard."""
+    here = Path(__file__).resolve()
+    r = run_worker(here, dict(common, job="ours", runner=OURS, h5=h5_arg, config=str(args.config),
+                              cache=str(work / "cache"), run_dir=str(work / "runs"), resize_on=resize_on,
+                              batch_override=args.batch is not None, warmup_batches=args.warmup_batches,
+                              loader_batches=args.loader_batches),
+                   work / "logs", None, args.timeout)
+    if "sample_ids" in r:
+        for runner, path in keras_features.items():
+            ref = np.load(path, mmap_mode="r")[r["sample_ids"]]
+            r[f"rel_diff_{runner}"] = rel_diff(r["sample_features"], ref)
+            if r[f"rel_diff_{runner}"] > 5e-2:
+                res.note(f"{model}: ours and {runner} features differ by {r[f'rel_diff_{runner}']:.1e} "
+                         "(max rel.) on the same images and weights: check before trusting the timing")
+        r.pop("sample_features")
+    res.add(dict(r, model=model, size=entry.input_size, runner=OURS))
+    if backends:
+        check_precision(res, model, r.get("precision"), policy)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -104,6 +148,8 @@ def main() -> None:
     p.add_argument("--warmup-batches", type=int, default=2, help="batches left out of the steady-state rate")
     p.add_argument("--loader-batches", type=int, default=16, help="batches of the loader-alone probe (0: skip)")
     p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--resize-on", nargs="+", default=[None], choices=["auto", "workers", "device"],
+                   help="ours with these data.resize_on values, one row each (default: the config's)")
     add_common_args(p)
     args = p.parse_args()
     exit_on_sigterm()
@@ -150,22 +196,8 @@ def main() -> None:
                 res.note(f"{model}: no Keras weights file, ours ran with random init (no sanity guard)")
             else:
                 h5_arg = str(h5)
-            r = run_worker(here, dict(common, job="ours", runner=OURS, h5=h5_arg, config=str(args.config),
-                                      cache=str(work / "cache"), run_dir=str(work / "runs"),
-                                      batch_override=args.batch is not None, warmup_batches=args.warmup_batches,
-                                      loader_batches=args.loader_batches),
-                           work / "logs", None, args.timeout)
-            if "sample_ids" in r:
-                for runner, path in keras_features.items():
-                    ref = np.load(path, mmap_mode="r")[r["sample_ids"]]
-                    r[f"rel_diff_{runner}"] = rel_diff(r["sample_features"], ref)
-                    if r[f"rel_diff_{runner}"] > 5e-2:
-                        res.note(f"{model}: ours and {runner} features differ by {r[f'rel_diff_{runner}']:.1e} "
-                                 "(max rel.) on the same images and weights: check before trusting the timing")
-                r.pop("sample_features")
-            res.add(dict(r, model=model, size=entry.input_size, runner=OURS))
-            if backends:
-                check_precision(res, model, r.get("precision"), policy)
+            for resize_on in args.resize_on:
+                _run_ours(res, args, common, work, h5_arg, keras_features, backends, policy, model, entry, resize_on)
     finally:
         ref = "keras-jax" if "jax" in backends else "keras-tensorflow"
         res.print_table(
@@ -174,8 +206,16 @@ def main() -> None:
             extra=[("ours wall s", OURS, "wall_s", ".1f"), ("Keras-JAX wall s", "keras-jax", "wall_s", ".1f"),
                    ("Keras-TF wall s", "keras-tensorflow", "wall_s", ".1f"),
                    ("ours model-only img/s", OURS, "model_img_s", ".1f"), ("ours model %", OURS, "model_pct", ".0f"),
-                   ("loader alone img/s", OURS, "loader_img_s", ".1f"),
+                   ("input pipeline alone img/s", OURS, "loader_img_s", ".1f"),
+                   ("resize on", OURS, "resize_on", ""), ("workers", OURS, "num_workers", ".0f"),
                    ("rel diff", OURS, f"rel_diff_{ref}", ".1e")])
+        if len(args.resize_on) > 1:  # ours once per resize_on value (the table above shows the first)
+            res.print_table(f"Ours by resize_on, {n} images, batch {batch}, {device}", keys=["model", "size", "resize_on"],
+                            metric="img_s", unit="img/s", higher_is_better=True,
+                            extra=[("ours model-only img/s", OURS, "model_img_s", ".1f"),
+                                   ("ours model %", OURS, "model_pct", ".0f"),
+                                   ("input pipeline alone img/s", OURS, "loader_img_s", ".1f"),
+                                   ("workers", OURS, "num_workers", ".0f"), ("wall s", OURS, "wall_s", ".1f")])
         if tmp is not None:
             tmp.cleanup()
 

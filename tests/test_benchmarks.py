@@ -3,6 +3,7 @@ the "ours" side of extraction and head training run through the real CLI on tiny
 CLI, the feature cache or the Trainer hooks that breaks a benchmark fails here, not on the GPU machine)."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,14 +88,17 @@ def test_head_benchmark_runs_the_cli_on_the_cache_it_wrote(tmp_path):
     assert r["val_acc"] > 0.5  # the synthetic features carry their class: the head learns them
 
 
-def test_extract_benchmark_runs_the_cli_extraction(tmp_path):
+@pytest.mark.parametrize("size,resize_on", [(32, None), (40, "device")])
+def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     extract = _load("extract")
     x = _harness.photo_crops(60, 32, seed=0)
     _harness.write_cifar10(tmp_path / "data", x, np.arange(60) % 10, x[:10], np.arange(10))
     r = extract.ours_extract({"config": str(BENCH.parent / "configs" / "cifar10.yaml"), "model": "test_resnet",
-                              "h5": "null", "data": str(tmp_path / "data"), "size": 32, "cache": str(tmp_path / "c"),
+                              "h5": "null", "data": str(tmp_path / "data"), "size": size, "cache": str(tmp_path / "c"),
                               "run_dir": str(tmp_path / "runs"), "batch": 4, "batch_override": True,
-                              "warmup_batches": 2, "loader_batches": 1})
+                              "warmup_batches": 2, "loader_batches": 1, "resize_on": resize_on})
+    assert r["resize_on"] == (resize_on or "workers")  # the config's auto: workers on the CPU
+    assert r["num_workers"] == min(2, len(os.sched_getaffinity(0)))  # the config leaves it to the automatic choice
     assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
     assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
     assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])

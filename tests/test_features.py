@@ -216,3 +216,33 @@ def test_hit_then_miss_in_one_run(tmp_path):
         m2, f2 = build(tmp_path, model())
     assert m2.forwards == 1  # train: hit (0 forwards); val: rebuilt (1 batch)
     assert len(f2.sets["val"]) == 8
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_shard_writer_writes_every_batch_in_order(tmp_path, device):
+    """The writer's deferred host copies (CUDA: pinned, non_blocking, written a few batches later) give the bytes
+    of the batches in batch order, whatever the number of batches still in flight."""
+    from types import SimpleNamespace
+
+    from lightning_app.data.features import FeatureShardWriter
+
+    writer = FeatureShardWriter(lambda t: {}, tmp_path, "train")
+    writer.store = FeatureStore(tmp_path, {"backbone": "x", "n": 1})
+    trainer = SimpleNamespace(global_rank=0)
+    writer.on_predict_start(trainer, None)
+    g = torch.Generator().manual_seed(0)
+    feats, labels, indices = [], [], []
+    for b in range(11):
+        n = 5 if b < 10 else 3
+        f = torch.randn(n, 7, generator=g)
+        y = torch.randint(0, 4, (n,), generator=g)
+        i = torch.arange(5 * b, 5 * b + n)
+        feats.append(f), labels.append(y), indices.append(i)
+        writer.write_on_batch_end(trainer, None, f.to(device) * 1.0, None, (None, y.to(device), i.to(device)), b, 0)
+    writer.on_predict_end(trainer, None)
+    shard = writer.shard_dir
+    assert (shard / "rank0.features.bin").read_bytes() == torch.cat(feats).numpy().tobytes()
+    assert (shard / "rank0.labels.bin").read_bytes() == torch.cat(labels).numpy().astype(np.int64).tobytes()
+    assert (shard / "rank0.indices.bin").read_bytes() == torch.cat(indices).numpy().astype(np.int64).tobytes()
+    assert json.loads((shard / "rank0.json").read_text()) == {"rows": 53, "dim": 7}
