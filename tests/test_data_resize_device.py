@@ -164,3 +164,39 @@ def test_host_copy_queue_keeps_order_and_values(device):
         for a, b in zip(got, want):
             assert isinstance(a, np.ndarray)
             np.testing.assert_array_equal(a, b.cpu().numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hw,size,mode,antialias", CASES)
+def test_cuda_resize_within_one_level_of_worker_resize(hw, size, mode, antialias):
+    """The real CUDA kernel against the workers' resize (the bound of the forced-float test above)."""
+    imgs = _images(8, *hw, seed=3)
+    ref = torch.stack([resize_image(im, size, mode, antialias) for im in imgs])
+    got = resize_batch(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().cuda(), size, mode, antialias).cpu()
+    diff = (ref.int() - got.int()).abs()
+    assert got.dtype == torch.uint8 and int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) <= 0.25
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_trainer_extracts_with_the_device_resize(tmp_path):
+    """On a CUDA Trainer ``auto`` resizes on the device; the features agree with the workers' path within what one
+    uint8 level of input can move them, and the cache key tells the two apart."""
+    from lightning_app.module import TransferModule
+    import pytorch_lightning as pl
+
+    def extract(resize_on):
+        pl.seed_everything(0)
+        m = TransferModule("test_resnet", 3, weights=None, stage="extract", hidden=[8])
+        t = pl.Trainer(accelerator="cuda", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        dm = _dm(resize_on, image_size=32)
+        fdm = prepare_feature_datamodule(t, m, dm, cache_dir=tmp_path / "cache")
+        return fdm.sets["train"], dm
+
+    dev, dm = extract("auto")
+    assert dm.resizes_on_device(dm.dataset("train"))
+    wrk, _ = extract("workers")
+    assert dev.path != wrk.path  # different keys: the pixels may differ by a level
+    a, b = np.asarray(dev.features), np.asarray(wrk.features)
+    assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
