@@ -98,7 +98,8 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
                               "run_dir": str(tmp_path / "runs"), "batch": 4, "batch_override": True,
                               "warmup_batches": 2, "loader_batches": 1, "resize_on": resize_on})
     assert r["resize_on"] == (resize_on or "workers")  # the config's auto: workers on the CPU
-    assert r["num_workers"] == min(2, len(os.sched_getaffinity(0)))  # the config leaves it to the automatic choice
+    # the config leaves num_workers to the automatic choice: 2 resizing workers on the CPU, none for the device resize
+    assert r["num_workers"] == (0 if resize_on == "device" else min(2, len(os.sched_getaffinity(0))))
     assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
     assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
     assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])
