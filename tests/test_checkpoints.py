@@ -226,7 +226,9 @@ def _cli_config(tmp_path, epochs):
 def test_cli_run_killed_in_epoch_2_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     """A real process, SIGKILLed while training epoch 2 (after last.ckpt of epoch 1 appeared); `fit --ckpt_path
     last.ckpt` continues at epoch 2 and its final weights equal those of a run that was never interrupted."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # ROOT first, then whatever the caller's PYTHONPATH holds (the GPU machine's carried wheels live there)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, "-m", "lightning_app", "fit"]
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -241,9 +243,10 @@ def test_cli_run_killed_in_epoch_2_resumes_and_ends_like_an_uninterrupted_one(tm
                 break
             time.sleep(0.05)
         proc.kill()
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+    assert last.is_file(), f"the run ended (exit code {proc.returncode}) before writing {last}: {err[-3000:]}"
     killed_in = torch.load(last, weights_only=True)["epoch"] + 1
     assert killed_in in (2, 3), f"the run was not killed while training epoch 2 or 3 (last.ckpt: {killed_in - 1})"
     out = subprocess.run([*cmd, "--config", str(cfg), "--ckpt_path", str(last)], cwd=ROOT, env=env,

@@ -88,6 +88,19 @@ def test_auto_is_workers_on_cpu_and_device_on_cuda():
     assert _dm("workers").resizes_on_device(ds) is False
 
 
+def test_cache_key_resize_tag_follows_the_trainer_not_the_attachment():
+    """The feature cache key's resize tag comes from the Trainer passed in, whether or not the DataModule is attached
+    to it yet (a key computed before ``fit`` must equal the one ``fit`` looks for; the head benchmark writes its
+    cache before ``fit``)."""
+    cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm = _dm("auto")
+    assert dm.trainer is None
+    assert device_resize_tag(cuda, dm, "train") == "device:cuda"
+    assert device_resize_tag(cpu, dm, "train") is None
+    assert device_resize_tag(cuda, _dm("workers"), "train") is None
+
+
 def test_mixed_sizes_keep_the_worker_resize(tmp_path):
     dm = _dm("device", test_hw=(8, 8))  # the official test set has another size than train / val
     assert dm.resizes_on_device(dm.dataset("train")) and dm.resizes_on_device(dm.dataset("test"))

@@ -137,7 +137,9 @@ def test_noise_filtered_and_bad_image_warning_points_at_the_file(tmp_path):
     (verify: none) is reported at the image's path, not at torch's fetch.py."""
     root = image_folder(tmp_path / "food", n=6)
     (root / "bread" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # ROOT first, then whatever the caller's PYTHONPATH holds (the GPU machine's carried wheels live there)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.pop(DEBUG_ENV, None)
     out = subprocess.run([sys.executable, "-m", "lightning_app", *food_args(tmp_path, root, "--data.init_args.verify",
                                                                             "none", "--data.init_args.batch_size", "16",

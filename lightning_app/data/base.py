@@ -263,11 +263,12 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
         except Exception:  # a strategy without a device yet
             return "cpu"
 
-    def resizes_on_device(self, dataset: Dataset) -> bool:
-        """Whether a loader over ``dataset`` leaves the resize to the device (``resize_on`` and the data's sizes)."""
+    def resizes_on_device(self, dataset: Dataset, device_type: Optional[str] = None) -> bool:
+        """Whether a loader over ``dataset`` leaves the resize to the device (``resize_on`` and the data's sizes);
+        ``device_type``: the device the batches go to (default: the attached Trainer's, ``"cpu"`` without one)."""
         if self.resize_on == "workers" or getattr(dataset, "uniform_size", None) is None:
             return False
-        return self.resize_on == "device" or self._device_type() == "cuda"
+        return self.resize_on == "device" or (device_type or self._device_type()) == "cuda"
 
     def served_dataset(self, dataset: Dataset) -> Dataset:
         """``dataset`` as a loader serves it: its :meth:`~lightning_app.data.sources.SplitDataset.unresized` view

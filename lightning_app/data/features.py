@@ -569,9 +569,10 @@ def device_resize_tag(trainer: "pl.Trainer", datamodule: Any, split: str) -> Opt
     a pixel may differ by one level from the CPU workers' uint8 kernel), else ``None``: on the CPU the device path
     runs the workers' kernel, bit-identical, so the key (and caches written before) stay the same."""
     resizes = getattr(datamodule, "resizes_on_device", None)
-    if resizes is None or not resizes(datamodule.dataset(split)):
-        return None
     device = trainer.strategy.root_device.type
+    # the Trainer's device, not the DataModule's attached Trainer: the key is the same before fit attaches it
+    if resizes is None or not resizes(datamodule.dataset(split), device):
+        return None
     return None if device == "cpu" else f"device:{device}"
 
 
