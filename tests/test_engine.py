@@ -148,6 +148,49 @@ def test_fp32_engine_matches_eager(name):
     assert err <= 1e-4, f"{name} at {size} px: engine fp32 vs eager fp32 relative error {err:.2e}"
 
 
+#: equivalent re-parametrisations of the plain module whose bf16 autocast error, with the plain module's own, is the
+#: reference of the bf16 engine tests (``bf16_autocast_reference``)
+BF16_REALIZATIONS = 3
+
+
+def rescaled_copy(net: nn.Module, pairs, seed: int) -> nn.Module:
+    """A copy of ``net`` computing the same function, with each convolution of a conv -> BatchNorm pair scaled by a
+    random k in [1, 2) and its BatchNorm's statistics and eps rescaled to undo it (float32 change ~1e-6): the same
+    network with other bf16 rounding of its weights and activations."""
+    out = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = out.get_submodule(conv_name), out.get_submodule(bn_name)
+            k = 1.0 + float(torch.rand((), generator=g))
+            conv.weight.mul_(k)
+            if conv.bias is not None:
+                conv.bias.mul_(k)
+            bn.running_mean.mul_(k)
+            bn.running_var.mul_(k * k)
+            bn.eps = bn.eps * k * k
+    return out
+
+
+@torch.no_grad()
+def bf16_autocast_reference(net: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> Tuple[float, list]:
+    """The error of PyTorch's own bf16 autocast: the largest ``relative_error`` to ``ref`` (float32 eager) of the
+    plain module and of ``BF16_REALIZATIONS`` equivalent copies (``rescaled_copy``), and the list of them.
+
+    With random weights a bf16 error is one draw of a wide distribution: the bf16 rounding of mathematically
+    identical modules differs by a factor of two (measured, MobileNetV3Small at 224 px, CPU: the plain module
+    3.5e-2, eight rescaled copies 2.8e-2 to 5.5e-2, their float32 outputs within 3.4e-6), so one draw as the
+    reference fails a correct engine whose own rounding (the folded weights round differently) is a worse draw,
+    as on an H100 (issue 9: MobileNetV3Small engine 5.2e-2 against one autocast draw of 3.0e-2)."""
+    device_type = x.device.type
+    pairs = find_conv_bn_pairs(net, x[:1])
+    errors = []
+    for model in [net] + [rescaled_copy(net, pairs, seed) for seed in range(BF16_REALIZATIONS)]:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            errors.append(relative_error(model(x).float(), ref))
+    return max(errors), errors
+
+
 #: bf16 on a CPU without bf16 units is emulated (slow): the bf16 check runs at a reduced size
 BF16_SIZE = 112
 BF16_SIZES = {"NASNetLarge": 131, "InceptionResNetV2": 139, "InceptionV3": 139, "Xception": 139}
@@ -163,8 +206,9 @@ def test_bf16_engine_adds_no_error_to_bf16_autocast(name):
     With random weights the logits of a deep network are nearly tied and bf16's rounding alone moves them by 1e-2 to
     3e-1 of their maximum (measured on this suite's models at 112 px: VGG16 8e-3, InceptionV3 2.7e-2, ResNet50
     1.3e-1, ResNet152V2 2.6e-1), so a fixed bound would either fail on rounding or pass anything. The bound is
-    bf16 autocast of the plain module (PyTorch's own bf16 path, measured in the test): the engine may not add more
-    than half of that again, and every photo whose float32 top-1 leads by more than twice that error keeps its
+    bf16 autocast (PyTorch's own bf16 path, measured in the test) of the plain module and of three equivalent copies
+    whose bf16 rounding differs (``bf16_autocast_reference``: one draw alone is too noisy a reference): the engine
+    may not add more than half of the largest again, and every photo whose float32 top-1 leads by more than twice that error keeps its
     top-1 class. (With ImageNet weights the bound is far tighter; tests/test_engine_cuda.py checks every model at
     its native size on a GPU.)"""
     size = BF16_SIZES.get(name, BF16_SIZE)
@@ -173,13 +217,13 @@ def test_bf16_engine_adds_no_error_to_bf16_autocast(name):
     engine = InferenceEngine(net, {"precision": "bf16", "compile": False}, name=name)
     with torch.no_grad():
         ref = net(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = net(x).float()
         out = engine(x)
+    bound, draws = bf16_autocast_reference(net, x, ref)
     assert out.dtype == torch.float32
-    bound = relative_error(autocast, ref)
     err = relative_error(out, ref)
-    assert err <= 1.5 * bound + 1e-3, f"{name}: engine bf16 error {err:.2e}, bf16 autocast of the module {bound:.2e}"
+    assert err <= 1.5 * bound + 1e-3, \
+        f"{name}: engine bf16 error {err:.2e}, bf16 autocast of the module and equivalent copies " \
+        + ", ".join(f"{d:.2e}" for d in draws)
     top2 = ref.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) / ref.abs().max() > 2 * bound
     assert torch.equal(out.argmax(1)[clear], ref.argmax(1)[clear]), \
