@@ -7,7 +7,7 @@ import torch
 
 from lightning_app.engine import InferenceEngine, relative_error
 from lightning_app.zoo import get_entry, list_models
-from test_engine import bf16_autocast_reference, family_smallest, parity_photos, zoo_net
+from test_engine import check_bf16_against_autocast, family_smallest, parity_photos, zoo_net
 from test_gpu import exact_fp32  # noqa: F401  (autouse: the float32 reference without TF32)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -30,7 +30,7 @@ def test_fp32_engine_on_cuda_at_native_size(name):
 def test_default_engine_on_cuda_agrees_with_fp32_eager(name):
     """The shipped default on CUDA (bf16 autocast, compiled, CUDA graphs), one model per family (each compilation
     costs about a minute): no more error than bf16 autocast of the plain module and of equivalent copies (plus
-    half; test_engine.bf16_autocast_reference), and clear top-1 classes kept (see
+    half; test_engine.check_bf16_against_autocast), and clear top-1 classes kept (see
     test_engine.test_bf16_engine_adds_no_error_to_bf16_autocast for why the bound is relative)."""
     size = get_entry(name).input_size
     net = zoo_net(name, size, top=True).cuda()
@@ -42,16 +42,8 @@ def test_default_engine_on_cuda_agrees_with_fp32_eager(name):
         out = engine(x)
         again = engine(x[:3])  # padded to the compiled batch
     assert engine._compile_state == "compiled", engine.status
-    bound, draws = bf16_autocast_reference(net, x, ref)
-    err = relative_error(out, ref)
-    stages = (f"{name}: bf16 compiled engine {err:.2e}, bf16 engine uncompiled (folded, channels_last) "
-              f"{relative_error(eager, ref):.2e}, bf16 autocast of the plain module {draws[0]:.2e} and of equivalent "
-              f"copies " + ", ".join(f"{d:.2e}" for d in draws[1:]))
-    print(stages)
-    assert err <= 1.5 * bound + 1e-3, stages
-    top2 = ref.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) / ref.abs().max() > 2 * bound
-    assert torch.equal(out.argmax(1)[clear], ref.argmax(1)[clear]), f"{name}: bf16 top-1 differs"
+    print(check_bf16_against_autocast(name, out, net, x, ref,
+                                      f"; engine uncompiled (folded, channels_last) {relative_error(eager, ref):.2e}"))
     assert relative_error(again, out[:3]) <= 1e-2
 
 
