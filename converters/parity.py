@@ -91,16 +91,18 @@ def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasMode
     keras = import_keras()
     rng = np.random.default_rng(seed)
     batchnorms = []
+    branch_ends = residual_branch_batchnorms(model)
     for layer in model.layers:
+        scale = RESIDUAL_BRANCH_SCALE if layer.name in branch_ends else 1.0
         for variable in layer.weights:
             role = variable.name.rsplit("/", 1)[-1]
             shape = tuple(variable.shape)
             if role == "bias":
                 variable.assign(rng.normal(0.0, 0.1, shape).astype("float32"))
             elif role == "gamma" or variable is getattr(layer, "gamma", None):  # incl. auto-named LayerScale
-                variable.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+                variable.assign((scale * rng.uniform(0.5, 1.5, shape)).astype("float32"))
             elif role == "beta":
-                variable.assign(rng.normal(0.0, 0.2, shape).astype("float32"))
+                variable.assign((scale * rng.normal(0.0, 0.2, shape)).astype("float32"))
         if isinstance(layer, keras.layers.BatchNormalization):
             batchnorms.append((layer, layer.momentum))
             layer.momentum = 0.0  # one training-mode pass sets moving stats to the batch stats
@@ -110,6 +112,43 @@ def randomize_keras_model(model, calibration_images: np.ndarray, spec: KerasMode
             model(keras_preprocess(calibration_images, spec), training=True)
     for layer, momentum in batchnorms:
         layer.momentum = momentum
+
+
+#: BatchNorms that end a residual branch get gamma and beta this much smaller (the calibrated BN outputs then have
+#: about this standard deviation), as in trained nets (and the zero-init-gamma practice): with O(1) branches the
+#: identity stream's variance grows with every block of a stage (23 in ResNet101's conv4, 36 in ResNet152's, 55
+#: blocks in EfficientNetB7), and float32 rounding grows with it past 1e-4 relative at the output.
+RESIDUAL_BRANCH_SCALE = 0.2
+#: layers a residual branch may pass through between its last BatchNorm and the Add (EfficientNet's drop-connect)
+_PASS_THROUGH = ("Dropout", "Identity", "Activation")
+
+
+def residual_branch_batchnorms(model) -> set:
+    """Names of the BatchNormalization layers that end a residual branch: one input of an ``Add`` (directly or
+    through dropout) whose other input is the identity shortcut (not a BatchNorm).
+
+    Applied alike to every model: ResNet's identity blocks' ``*_3_bn`` (a projection block's sum of two BNs
+    starts each stage at O(1)), EfficientNet's ``*project_bn`` of blocks with a skip;
+    models whose branches end in a convolution (ResNetV2, Inception-ResNet) or without Add have none."""
+    keras = import_keras()
+    names = set()
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Add):
+            continue
+        for node in layer._inbound_nodes:
+            ends = [_through_pass_through(parent.operation) for parent in node.parent_nodes]
+            ends = [op.name for op in ends if isinstance(op, keras.layers.BatchNormalization)]
+            if len(ends) == 1:  # an identity shortcut beside one branch (a projection shortcut's BN is not one)
+                names.update(ends)
+    return names
+
+
+def _through_pass_through(op):
+    while type(op).__name__ in _PASS_THROUGH and op._inbound_nodes and op._inbound_nodes[0].parent_nodes:
+        if type(op).__name__ == "Activation" and getattr(op.activation, "__name__", "") != "linear":
+            break
+        op = op._inbound_nodes[0].parent_nodes[0].operation
+    return op
 
 
 def set_builtin_normalization(model, spec: KerasModelSpec) -> None:

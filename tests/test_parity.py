@@ -20,8 +20,7 @@ except ImportError:  # pragma: no cover
     pytest.skip("needs keras (pip install -e '.[test]')", allow_module_level=True)
 
 PARITY_MODELS = [name for name, entry in REGISTRY.items() if entry.parity]
-#: float64 also runs for models whose float32 check is off (parity=False) because float32 rounding of the random
-#: net alone exceeds 1e-4 (ResNet101 / ResNet152 notop: Keras float32 itself is that far from the exact result)
+#: float64 also runs for models whose float32 check is off (parity=False); the others: ``verify --float64`` on demand
 FLOAT64_MODELS = [name for name, entry in REGISTRY.items() if entry.parity_float64]
 #: one manifest per architecture: the entries that own one (size variants share their model's)
 MANIFEST_MODELS = [name for name, entry in REGISTRY.items() if entry.manifest == entry.keras_name]
@@ -103,3 +102,12 @@ def test_manifest_matches_keras(name, parity_cases):
     top = (parity_cases.top_manifests.get(name)
            or manifest_from_keras_model(build_keras_model(entry, True, initialise=False)))
     assert top == committed["top"], f"{name} top: {hint}"
+
+
+def test_residual_branch_batchnorms():
+    """The conditioning rule finds identity blocks' last BNs, not a projection block's two BNs."""
+    keras = import_keras()
+    names = parity.residual_branch_batchnorms(keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3)))
+    assert len(names) == 16 - 4  # 16 bottlenecks, 4 of them projection blocks
+    assert "conv2_block2_3_bn" in names and "conv5_block3_3_bn" in names
+    assert not names & {"conv2_block1_0_bn", "conv2_block1_3_bn"}
