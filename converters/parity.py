@@ -133,14 +133,19 @@ def residual_branch_batchnorms(model) -> set:
     keras = import_keras()
     names = set()
     for layer in model.layers:
-        if not isinstance(layer, keras.layers.Add):
-            continue
+        if not isinstance(layer, keras.layers.Add) or _feeds_concatenate(layer):
+            continue  # an Add whose sum is concatenated (NASNet's cells) carries no identity stream through depth
         for node in layer._inbound_nodes:
             ends = [_through_pass_through(parent.operation) for parent in node.parent_nodes]
             ends = [op.name for op in ends if isinstance(op, keras.layers.BatchNormalization)]
             if len(ends) == 1:  # an identity shortcut beside one branch (a projection shortcut's BN is not one)
                 names.update(ends)
     return names
+
+
+def _feeds_concatenate(layer) -> bool:
+    keras = import_keras()
+    return any(isinstance(node.operation, keras.layers.Concatenate) for node in layer._outbound_nodes)
 
 
 def _through_pass_through(op):

@@ -111,3 +111,9 @@ def test_residual_branch_batchnorms():
     assert len(names) == 16 - 4  # 16 bottlenecks, 4 of them projection blocks
     assert "conv2_block2_3_bn" in names and "conv5_block3_3_bn" in names
     assert not names & {"conv2_block1_0_bn", "conv2_block1_3_bn"}
+
+
+def test_residual_branch_batchnorms_skip_concatenated_sums():
+    """NASNet's cell sums are concatenated, not an identity stream: the rule leaves them as they were."""
+    model = build_keras_model(REGISTRY["NASNetMobile"], include_top=False, initialise=False)
+    assert parity.residual_branch_batchnorms(model) == set()
