@@ -131,7 +131,7 @@ def keras_efficientnetv2_b3(pretrained: bool = False, **kwargs) -> EfficientNet:
 
 
 @register_model
-@keras_application("EfficientNetV2S", size=384, top1=83.9, parity_float64=True, **_SML,
+@keras_application("EfficientNetV2S", size=384, top1=83.9, **_SML,
                    files=_files("s", "e1d88a8495beba45748fedd0cecbe016", "af0682fb74e8c54910f2d4393339c070"))
 def keras_efficientnetv2_s(pretrained: bool = False, **kwargs) -> EfficientNet:
     """Keras ``EfficientNetV2S``."""
