@@ -136,15 +136,18 @@ def test_fp32_engine_matches_eager(name):
     if n_bn:  # every zoo model with BatchNorm gets some of it folded
         assert engine._copy.num_folded > 0, engine.status
     err = relative_error(out, ref)
-    spec = get_entry(name)
-    if not spec.parity and spec.parity_float64:
-        # float32 rounding of this random-weight net alone exceeds 1e-4 (its Keras parity is float64 too): the fold
-        # is held to float64 instead, where an error cannot hide behind rounding
+    if err > 1e-4:
+        # measured, not assumed: where float32 rounding of plain eager alone (against float64) is already a sizeable
+        # part of the bound (random-weight ResNet101 / 152: deep residual stacks), the fold is held to float64
+        # instead, where an error cannot hide behind rounding; otherwise the fold itself is wrong and this fails
         net64 = copy.deepcopy(net).double()
         with torch.no_grad():
-            err = relative_error(fold_batchnorm(net64, x.double())(x.double()), net64(x.double()))
-        assert err <= 1e-9, f"{name} at {size} px: folded vs unfolded in float64, relative error {err:.2e}"
-        return
+            ref64 = net64(x.double())
+            rounding = relative_error(ref.double(), ref64)
+            if rounding > 0.25e-4:
+                err64 = relative_error(fold_batchnorm(net64, x.double())(x.double()), ref64)
+                assert err64 <= 1e-9, f"{name} at {size} px: folded vs unfolded in float64, relative error {err64:.2e}"
+                return
     assert err <= 1e-4, f"{name} at {size} px: engine fp32 vs eager fp32 relative error {err:.2e}"
 
 
