@@ -7,7 +7,7 @@ import torch
 
 from lightning_app.engine import InferenceEngine, relative_error
 from lightning_app.zoo import get_entry, list_models
-from test_engine import check_bf16_against_autocast, family_smallest, parity_photos, zoo_net
+from test_engine import check_bf16_against_autocast, check_fp32_engine, family_smallest, parity_photos, zoo_net
 from test_gpu import exact_fp32  # noqa: F401  (autouse: the float32 reference without TF32)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,7 +23,7 @@ def test_fp32_engine_on_cuda_at_native_size(name):
     with torch.no_grad():
         ref = net(x)
         out = InferenceEngine(net, {"precision": "fp32", "compile": False}, name=name)(x)
-    assert relative_error(out, ref) <= 1e-4, f"{name}: fp32 engine {relative_error(out, ref):.2e}"
+    check_fp32_engine(name, size, net, x, out, ref)
 
 
 @pytest.mark.parametrize("name", sorted(set(family_smallest().values())))
