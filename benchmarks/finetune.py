@@ -60,7 +60,8 @@ def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     wait = sum(b[3] - a[4] for a, b in zip(last, last[1:]))  # device timeline on a GPU (CUDA events)
     return {"env": env_info(cli.trainer), "device": "cuda" if env_info(cli.trainer).get("accelerator") == "cuda"
             else "cpu", "precision": str(cli.trainer.precision), "images": images, "batch": last[0][2],
-            "compile_backbone": module.training_speedups(module.device)["compile_backbone"], "epoch_s": epochs, "first_epoch_s": epochs[0], "img_s": images / epochs[-1],
+            "compile_backbone": module.training_speedups(module.device)["compile_backbone"],
+            "epoch_s": epochs, "first_epoch_s": epochs[0], "img_s": images / epochs[-1],
             "between_steps_pct": 100 * wait / epochs[-1]}
 
 

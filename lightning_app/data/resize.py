@@ -57,6 +57,12 @@ def center_crop_box(h: int, w: int, target_hw: Tuple[int, int]) -> Tuple[int, in
     return top, left, crop_h, crop_w
 
 
+def hwc_to_chw(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` array -> contiguous ``(3, H, W)`` tensor that never shares memory with ``image`` (numpy's copy:
+    a channels-last tensor makes resize / contiguous() very slow on CPU)."""
+    return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True))
+
+
 def resize_image(
     image: Union[np.ndarray, torch.Tensor],
     size: Tuple[int, int],
@@ -65,9 +71,7 @@ def resize_image(
 ) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array (or ``(3, H, W)`` uint8 tensor) -> ``(3, *size)`` uint8 tensor."""
     if isinstance(image, np.ndarray):
-        # numpy's HWC -> CHW copy (a channels-last tensor makes resize / contiguous() very slow on CPU);
-        # np.array(copy=True): the result never shares memory with the caller's array
-        image = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True))
+        image = hwc_to_chw(image)
     else:
         image = image.clone(memory_format=torch.contiguous_format)
     return resize_batch(image, size, mode, antialias)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_app.data.images import ImageDecodeError, PathLike, load_rgb, relpath_or_abs, warn_bad_image
-from lightning_app.data.resize import ResizeMode, resize_image
+from lightning_app.data.resize import ResizeMode, hwc_to_chw, resize_image
 
 
 class Source(Protocol):
@@ -198,7 +198,7 @@ class SplitDataset(Dataset):
         sid = int(self.ids[i])
         img = self.source.load(sid)
         if not self.resize_in_worker:  # HWC -> CHW copy, no resize (see ``unresized``)
-            return torch.from_numpy(np.array(img.transpose(2, 0, 1), order="C", copy=True)), int(self.source.labels[sid])
+            return hwc_to_chw(img), int(self.source.labels[sid])
         return resize_image(img, self.image_size, self.resize, self.antialias), int(self.source.labels[sid])
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:

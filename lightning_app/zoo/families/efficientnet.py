@@ -121,10 +121,11 @@ def _create(variant: str, width: float, depth: float, dropout: float, pretrained
 
 #: Parity at the native size in CI: B0 and B3 (cost); the others on demand: python -m converters verify --model NAME.
 #: Measured on the parity harness's random weights (float32, relative to max |Keras|): B0-B6 top <= 5.6e-6, notop
-#: <= 2.5e-5. B7 at 600 FAILS float32: top 1.46e-3, notop 1.44e-3, with max |Keras| 252 / 1170 where B0-B6 give
-#: 0.6-1.4 / 3-13: the random B7 amplifies rounding. Its float64 check (converters verify --float64) gave 1.66e-5
-#: before the harness set Keras's Normalization to the exact values in float64 (the file rounds them to float32);
-#: with that, B0 float64 agrees to 4.3e-15 / 1.2e-14. B7 float64 with it: not yet run.
+#: <= 2.5e-5. B7 at 600 failed float32 (top 1.46e-3, notop 1.44e-3: max |Keras| 252 / 1170 where B0-B6 give
+#: 0.6-1.4 / 3-13, the random B7 amplified rounding) until the harness scaled residual branches
+#: (``converters.parity.RESIDUAL_BRANCH_SCALE``): since then 1.7e-6 / 1.4e-5 (B4 notop 9.8e-6). With Keras's
+#: Normalization set to the exact values in float64 (the file rounds them to float32), B0 float64 agrees to
+#: 4.3e-15 / 1.2e-14; B7 float64 gave 1.8e-12 (before the branch scaling).
 _KERAS = dict(mode="torch", builtin_preprocessing=True, mapping=to_timm, first_conv="conv_stem",
               classifier="classifier")
 

@@ -82,11 +82,10 @@ def keras_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
 #: Before the harness scaled residual branches (``converters.parity.RESIDUAL_BRANCH_SCALE``), float32 itself was
 #: farther than 1e-4 from the exact result at the notop output (Keras float32 vs float64 1.36e-4 / 3.17e-4,
 #: growing smoothly block by block; both in float64 agreed to 3.2e-13 / 6.0e-13).
-_DEEP: dict = {}
 
 
 @register_model
-@keras_application("ResNet101", size=224, top1=76.420, top5=92.786, **_KERAS, **_DEEP,
+@keras_application("ResNet101", size=224, top1=76.420, top5=92.786, **_KERAS,
                    files=tf_kernels("resnet/resnet101", "f1aeb4b969a6efcfb50fad2f0c20cfc5",
                                     "88cf7a10940856eca736dc7b7e228a21"))
 def keras_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
@@ -95,7 +94,7 @@ def keras_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
 
 
 @register_model
-@keras_application("ResNet152", size=224, top1=76.604, top5=93.118, **_KERAS, **_DEEP,
+@keras_application("ResNet152", size=224, top1=76.604, top5=93.118, **_KERAS,
                    files=tf_kernels("resnet/resnet152", "100835be76be38e30d865e96f2aaae62",
                                     "ee4c566cf9a93f14d82f913c2dc6dd0c"))
 def keras_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
