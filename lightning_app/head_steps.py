@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_app.data.feature_loader import FeatureChunk
+from lightning_app.dropout import Dropout, dropout_mask
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,8 +98,9 @@ class LeanHeadSteps(EagerHeadSteps):
     """:class:`EagerHeadSteps` for ``build_head`` heads, cross-entropy and Adam / AdamW, written out (module
     docstring). Use :func:`lean_blocker` first: it says why a head, loss or optimizer is not supported.
 
-    Per mini-batch, with ``Dropout(p)`` as ``x * (bernoulli(1 - p) / (1 - p))`` exactly as
-    ``torch.nn.functional.dropout`` draws it on the CPU (same generator calls, so the same masks)::
+    Per mini-batch, with each ``Dropout(p)`` layer's mask drawn exactly as that layer draws it on the CPU (same
+    generator calls, so the same masks): :func:`~lightning_app.dropout.dropout_mask` for the heads ``build_head``
+    makes (:class:`~lightning_app.dropout.Dropout`), ``bernoulli(1 - p) / (1 - p)`` for a plain ``nn.Dropout``::
 
         forward:  z_l = addmm(b_l, a_{l-1}, W_l^T); relu_(z_l); a_l = z_l * noise_l;  logits = addmm(b, a_L, W^T)
         loss:     cross_entropy(logits, y, label_smoothing=e)
@@ -171,15 +173,15 @@ class LeanHeadSteps(EagerHeadSteps):
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
         h = x
-        if self.input_dropout:
-            noise0 = torch.empty_like(h).bernoulli_(1 - self.input_dropout).div_(1 - self.input_dropout)
-            h = h * noise0
+        p0, mask0 = self.input_dropout
+        if p0:
+            h = h * mask0(h, p0)
         saved = []
-        for lin, p in self.blocks:
+        for lin, p, mask in self.blocks:
             z = torch.addmm(lin.bias, h, lin.weight.t()) if lin.bias is not None else torch.mm(h, lin.weight.t())
             z.relu_()
             if p:
-                noise = torch.empty_like(z).bernoulli_(1 - p).div_(1 - p)
+                noise = mask(z, p)
                 a = z * noise
             else:
                 noise, a = None, z
@@ -221,26 +223,38 @@ class LeanHeadSteps(EagerHeadSteps):
         return logits, loss
 
 
-def _parse_head(head: nn.Module) -> Tuple[float, List[Tuple[nn.Linear, float]], nn.Linear]:
-    """``build_head`` layout -> (input dropout, [(Linear, dropout after its ReLU)], output Linear);
-    ``ValueError`` for anything else."""
+MaskFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def _bernoulli_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """The mask ``torch.nn.functional.dropout`` draws on the CPU."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+def _dropout(m: nn.Module) -> Tuple[float, MaskFn]:
+    return float(m.p), (dropout_mask if type(m) is Dropout else _bernoulli_mask)
+
+
+def _parse_head(head: nn.Module) -> Tuple[Tuple[float, MaskFn], List[Tuple[nn.Linear, float, MaskFn]], nn.Linear]:
+    """``build_head`` layout -> ((input dropout p, its mask), [(Linear, dropout p after its ReLU, its mask)], output
+    Linear); ``ValueError`` for anything else."""
     layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
-    kinds = [type(m) for m in layers]
+    kinds = [nn.Dropout if type(m) is Dropout else type(m) for m in layers]
     if any(k not in (nn.Linear, nn.ReLU, nn.Dropout) for k in kinds) or not layers or kinds[-1] is not nn.Linear:
         raise ValueError("head is not a Linear / ReLU / Dropout stack ending in Linear")
-    i, input_dropout = 0, 0.0
+    i, input_dropout = 0, (0.0, _bernoulli_mask)
     if kinds[0] is nn.Dropout:
-        input_dropout, i = float(layers[0].p), 1
-    blocks: List[Tuple[nn.Linear, float]] = []
+        input_dropout, i = _dropout(layers[0]), 1
+    blocks: List[Tuple[nn.Linear, float, MaskFn]] = []
     while i < len(layers) - 1:
         if kinds[i] is not nn.Linear or i + 1 >= len(layers) or kinds[i + 1] is not nn.ReLU:
             raise ValueError("head blocks must be Linear -> ReLU [-> Dropout]")
         lin, i = layers[i], i + 2
-        p = 0.0
+        p, mask = 0.0, _bernoulli_mask
         if i < len(layers) - 1 and kinds[i] is nn.Dropout:
-            p, i = float(layers[i].p), i + 1
-        blocks.append((lin, p))
-    if input_dropout and blocks:
+            (p, mask), i = _dropout(layers[i]), i + 1
+        blocks.append((lin, p, mask))
+    if input_dropout[0] and blocks:
         raise ValueError("input dropout before hidden blocks is not a build_head layout")
     return input_dropout, blocks, layers[-1]
 

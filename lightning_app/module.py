@@ -49,6 +49,7 @@ from lightning_app.checkpoint import (
 from lightning_app.checkpoint import metadata as checkpoint_metadata
 from lightning_app.data.feature_loader import FeatureChunk
 from lightning_app.denormals import flush_denormals
+from lightning_app.dropout import Dropout
 from lightning_app.engine import InferenceEngine, InferenceOptions, as_inference_options, options_dict
 from lightning_app.errors import ConfigError
 from lightning_app.finetune import (CompiledBackbone, LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all,
@@ -108,7 +109,8 @@ def build_head(in_features: int, hidden: Sequence[int], dropout: float, num_clas
     """Dense head: ``[Dropout] -> (Linear -> ReLU -> Dropout) * len(hidden) -> Linear(num_classes)``.
 
     Keras equivalent: ``Dense(h, activation="relu")``/``Dropout(dropout)`` blocks and a final
-    ``Dense(num_classes)`` (the softmax lives in the loss).
+    ``Dense(num_classes)`` (the softmax lives in the loss). The dropout is :class:`lightning_app.dropout.Dropout`
+    (a cheaper mask on the CPU).
     """
     layers: List[nn.Module] = []
     width = in_features
@@ -117,10 +119,10 @@ def build_head(in_features: int, hidden: Sequence[int], dropout: float, num_clas
             raise ConfigError(f"hidden sizes must be positive, got {list(hidden)}")
         layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         width = h
     if not hidden and dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(Dropout(dropout))
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 

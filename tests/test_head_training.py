@@ -327,6 +327,27 @@ def test_lean_step_equals_autograd_for_every_head_layout(hidden, dropout, opt):
         torch.testing.assert_close(w_lean[k], w_eager[k], rtol=1e-5, atol=1e-6)
 
 
+def test_lean_step_draws_a_plain_nn_dropouts_masks_too():
+    """A head with torch's own ``nn.Dropout`` (not ``build_head``'s): the written-out step draws bernoulli masks as
+    that layer does, so it still equals autograd step for step."""
+    feats, labels = features(n=40, dim=24)
+    runs = []
+    for runner_cls in (LeanHeadSteps, EagerHeadSteps):
+        torch.manual_seed(0)
+        head = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), torch.nn.Dropout(0.4),
+                                   torch.nn.Linear(16, 4)).train()
+        optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
+        runner = (runner_cls(head, 0.0, optim) if runner_cls is LeanHeadSteps
+                  else runner_cls(head, F.cross_entropy, optim))
+        torch.manual_seed(7)
+        losses = []
+        for chunk in FeatureLoader(feats, labels, batch_size=8, steps_per_execution=5, seed=1):
+            losses += runner.run(chunk).losses.tolist()
+        runs.append((losses, head[0].weight.detach().clone()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-6)
+
+
 def test_lean_blocker_says_why():
     from lightning_app.head_steps import lean_blocker
     from lightning_app.module import build_head
