@@ -88,6 +88,16 @@ def test_head_benchmark_runs_the_cli_on_the_cache_it_wrote(tmp_path):
     assert r["val_acc"] > 0.5  # the synthetic features carry their class: the head learns them
 
 
+def test_head_benchmark_reports_each_runners_fastest_round():
+    head = _load("head")
+    rows = [{"runner": "ours", "steady_epoch_s": 2.6, "first_epoch_s": 3.0}, {"runner": "ours", "error": "killed"},
+            {"runner": "ours", "steady_epoch_s": 1.9, "first_epoch_s": 2.9}]
+    best = head.best_round(rows)
+    assert best["steady_epoch_s"] == 1.9 and best["first_epoch_s"] == 2.9 and best["rounds_s"] == [2.6, None, 1.9]
+    assert head.best_round([{"runner": "ours", "steady_epoch_s": 2.0}]) == {"runner": "ours", "steady_epoch_s": 2.0}
+    assert head.best_round([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
+
+
 @pytest.mark.parametrize("size,resize_on", [(32, None), (40, "device")])
 def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     extract = _load("extract")
