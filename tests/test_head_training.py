@@ -48,6 +48,17 @@ def test_epoch_order_is_distributed_samplers(n, world, seed, epoch, shuffle):
         assert epoch_order(n, 0, seed).tolist() != epoch_order(n, 1, seed).tolist()
 
 
+def test_loader_takes_cache_labels_from_a_read_only_map_silently(tmp_path):
+    """The feature cache's labels are a read-only memory map: no "NumPy array is not writable" warning in a user's run."""
+    feats, labels = features(n=20)
+    np.save(tmp_path / "y.npy", labels)
+    mapped = np.load(tmp_path / "y.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = FeatureLoader(feats, mapped, batch_size=4)
+    assert loader.labels.tolist() == labels.tolist()
+
+
 def test_loader_chunks_cover_the_epoch_in_order(tmp_path):
     feats, labels = features(n=50)
     np.save(tmp_path / "f.npy", feats)

@@ -180,7 +180,7 @@ class FeatureLoader:
         self.chunk_rows = int(chunk_rows or self.steps_per_execution * self.batch_size)
         nbytes = int(np.prod(features.shape)) * 4
         self.resident = _fits_in_memory(nbytes, self.device) if resident is None else bool(resident)
-        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        labels_t = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: cache labels are a read-only map
         if self.resident:
             if isinstance(features, torch.Tensor):
                 self.features = features.to(self.device, torch.float32).contiguous()
