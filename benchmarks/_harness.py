@@ -139,6 +139,16 @@ def keras_backends(requested: Sequence[str], results: "Results") -> List[str]:
     return out
 
 
+def keras_model_spec(entry: Any) -> Dict[str, Any]:
+    """What a Keras runner needs to build and feed a zoo model (a ``lightning_app.zoo`` registry entry): its
+    ``keras.applications`` name, native size, ``preprocess_input`` mode, and for models that normalise inside
+    (EfficientNet, MobileNetV3, ConvNeXt: ``builtin_preprocessing``, fed 0..255 as they are) the mean / std their
+    built-in Normalization layer must hold (a ``weights=None`` build leaves it at 0 / 1)."""
+    return {"model": entry.keras_name, "application": entry.application, "keras_kwargs": dict(entry.keras_kwargs),
+            "size": entry.input_size, "mode": entry.mode,
+            "builtin_preprocessing": bool(entry.builtin_preprocessing), "mean": list(entry.mean), "std": list(entry.std)}
+
+
 def keras_env(backend: str) -> Dict[str, str]:
     """Environment of a Keras worker: the backend fixed before Keras is imported."""
     return {"KERAS_BACKEND": backend}
@@ -427,7 +437,7 @@ def config_value(config: Path, *keys: str, default: Any = None) -> Any:
 __all__ = [
     "KERAS_JAX", "KERAS_RUNNERS", "KERAS_TF", "OURS", "ROOT", "Results", "add_common_args", "class_names",
     "check_precision", "config_value", "exit_on_sigterm",
-    "cuda_available", "keras_backends", "keras_env", "keras_policy", "photo_crops", "read_cifar10_train",
+    "cuda_available", "keras_backends", "keras_env", "keras_model_spec", "keras_policy", "photo_crops", "read_cifar10_train",
     "read_image_folder", "rel_diff", "run_worker", "tiled", "use_checkout", "worker_main", "workdir",
     "write_cifar10", "write_image_folder",
 ]

@@ -83,12 +83,16 @@ def _device(info: Dict[str, Any]) -> str:
 def base_model(keras, spec: Dict[str, Any]):
     """``keras.applications.<model>(include_top=False, pooling="avg")`` at the native size, with the shared weights."""
     size = int(spec["size"])
-    base = getattr(keras.applications, spec["model"])(weights=None, include_top=False, pooling="avg",
-                                                       input_shape=(size, size, 3))
+    build = getattr(keras.applications, spec.get("application") or spec["model"])
+    base = build(weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3),
+                 **spec.get("keras_kwargs", {}))
     h5 = Path(spec["h5"])
     if spec.get("save_h5"):
         import h5py
         from keras.src.legacy.saving import legacy_h5_format
+
+        if spec.get("builtin_preprocessing"):
+            set_builtin_normalization(keras, base, spec["mean"], spec["std"])
 
         tmp = h5.with_suffix(".tmp.h5")
         with h5py.File(tmp, "w") as f:
@@ -97,6 +101,20 @@ def base_model(keras, spec: Dict[str, Any]):
     else:
         base.load_weights(h5)
     return base
+
+
+def set_builtin_normalization(keras, model, mean: List[float], std: List[float]) -> None:
+    """A built-in ``Normalization`` layer (EfficientNet's; ``weights=None`` leaves it at mean 0 / variance 1) set to
+    the statistics an ImageNet file holds, as ``converters.parity.set_builtin_normalization`` does for the parity
+    tests (not imported: that module imports torch, which must not share a process with TensorFlow)."""
+    values = {"mean": np.asarray(mean, np.float64), "variance": np.square(np.asarray(std, np.float64))}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization) and layer.weights:
+            for variable in layer.weights:
+                role = variable.name.rsplit("/", 1)[-1]
+                if role in values:
+                    variable.assign(values[role].reshape(tuple(variable.shape)).astype(variable.dtype))
+            layer.finalize_state()  # call() reads tensors made from the variables (on JAX: a copy taken at build)
 
 
 def image_model(keras, spec: Dict[str, Any], base, input_hw: int, head: List[Any], input_dtype: str = "uint8"):
@@ -109,7 +127,8 @@ def image_model(keras, spec: Dict[str, Any], base, input_hw: int, head: List[Any
     inputs = keras.Input((input_hw, input_hw, 3), dtype=input_dtype)
     x = keras.layers.Resizing(size, size, interpolation="bilinear")(inputs) if input_hw != size else \
         keras.ops.cast(inputs, keras.mixed_precision.global_policy().compute_dtype)
-    x = imagenet_utils.preprocess_input(x, mode=spec["mode"])
+    if not spec.get("builtin_preprocessing"):  # else the model normalises 0..255 itself (EfficientNet, ConvNeXt...)
+        x = imagenet_utils.preprocess_input(x, mode=spec["mode"])
     x = base(x)
     for layer in head:
         x = layer(x)

@@ -41,8 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, config_value,
-                      cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy, photo_crops,
-                      rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
+                      cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec, keras_policy,
+                      photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
@@ -178,8 +178,7 @@ def main() -> None:
             entry = get_entry(model)
             h5 = work / f"{model}_notop.h5"
             h5.unlink(missing_ok=True)
-            common = {"model": model, "size": entry.input_size, "mode": entry.mode, "h5": str(h5),
-                      "data": str(work / "data"), "batch": batch}
+            common = dict(keras_model_spec(entry), model=model, h5=str(h5), data=str(work / "data"), batch=batch)
             keras_features = {}
             for i, backend in enumerate(backends):
                 runner = KERAS_RUNNERS[backend]

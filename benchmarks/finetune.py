@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, class_names,
-                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy,
-                      photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
+                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec,
+                      keras_policy, photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "food.yaml"
 
@@ -104,8 +104,7 @@ def main() -> None:
                 write_image_folder(data, photo_crops(n, size, seed=size), np.arange(n) % len(names), names)
             h5 = work / f"{model}_notop.h5"
             h5.unlink(missing_ok=True)
-            common = {"model": model, "size": size, "mode": entry.mode, "h5": str(h5), "data": str(data),
-                      "batch": batch, "epochs": 2}
+            common = dict(keras_model_spec(entry), model=model, h5=str(h5), data=str(data), batch=batch, epochs=2)
             for i, backend in enumerate(backends):
                 runner = KERAS_RUNNERS[backend]
                 r = run_worker(ROOT / "benchmarks" / "_keras.py",

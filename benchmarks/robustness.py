@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, class_names,
-                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_policy,
-                      photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
+                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec,
+                      keras_policy, photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "robustness.yaml"
 DATA_CONFIG = ROOT / "configs" / "food.yaml"
@@ -161,7 +161,7 @@ def main() -> None:
                 runner = KERAS_RUNNERS[backend]
                 keras_rows[runner] = run_worker(
                     ROOT / "benchmarks" / "_keras.py",
-                    {"job": "robustness", "runner": runner, "model": model, "size": size, "mode": entry.mode,
+                    {**keras_model_spec(entry), "job": "robustness", "runner": runner, "model": model, "size": size,
                      "h5": str(h5), "hidden": hidden, "classes": len(names), "batch": batch,
                      "eps": float(Fraction(args.eps)), "labels": ours["labels"], "loaders": ours["export"],
                      "policy": policy, "tf_jit": args.tf_jit},

@@ -168,6 +168,7 @@ def set_builtin_normalization(model, spec: KerasModelSpec) -> None:
                 role = variable.name.rsplit("/", 1)[-1]
                 if role in values:
                     variable.assign(values[role].reshape(tuple(variable.shape)).astype(variable.dtype))
+            layer.finalize_state()  # call() reads tensors made from the variables (on JAX: a copy taken at build)
 
 
 def keras_preprocess(images01: np.ndarray, spec: KerasModelSpec) -> np.ndarray:

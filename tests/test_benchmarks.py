@@ -178,3 +178,44 @@ def test_loop_timer_batches_are_ordered_times_on_host_and_device(accelerator):
     assert w["images"] == 32 and w["img_s"] > 0 and 0 <= w["step_s"] <= w["window_s"]
     (loader,) = timer.loader_windows("predict")
     assert loader["images"] == 40 and loader["steady_img_s"] > 0
+
+
+@pytest.mark.parametrize("name, builtin", [("EfficientNetB0", True), ("ConvNeXtTiny", True), ("ResNet50", False),
+                                           ("MobileNetV2_050_128", False)])
+def test_keras_runners_feed_builtin_preprocessing_models_raw_pixels(name, builtin):
+    """Models that normalise inside (EfficientNet, MobileNetV3, ConvNeXt) get 0..255 from the Keras runners, not
+    ``preprocess_input`` on top (which made their features differ from ours by 100 %); the others get
+    ``preprocess_input`` in their mode; variants are built from their application with its arguments."""
+    pytest.importorskip("keras")
+    from converters.keras_models import import_keras
+    from lightning_app.zoo import get_entry
+
+    keras = import_keras()
+    spec = _harness.keras_model_spec(get_entry(name))
+    assert spec["builtin_preprocessing"] is builtin and spec["size"] == get_entry(name).input_size
+    kmod = _load("_keras")
+    identity = keras.Sequential([keras.layers.Input((8, 8, 3)), keras.layers.Identity()])
+    x = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(1, 8, 8, 3)
+    out = np.asarray(kmod.image_model(keras, dict(spec, size=8), identity, 8, head=[])(x))
+    if builtin:
+        np.testing.assert_allclose(out, x.astype(np.float32))
+    else:
+        assert not np.allclose(out, x.astype(np.float32))
+    if name.startswith("MobileNetV2_"):
+        assert spec["application"] == "MobileNetV2" and spec["keras_kwargs"] == {"alpha": 0.5}
+
+
+def test_keras_runner_sets_efficientnets_builtin_normalization():
+    pytest.importorskip("keras")
+    from converters.keras_models import import_keras
+
+    keras = import_keras()
+    kmod = _load("_keras")
+    norm = keras.layers.Normalization(axis=-1)
+    model = keras.Sequential([keras.layers.Input((2, 2, 3)), norm])
+    model(np.zeros((1, 2, 2, 3), np.float32))  # built and called once before, as in the runner
+    kmod.set_builtin_normalization(keras, model, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    np.testing.assert_allclose(np.asarray(norm.mean).ravel(), [0.485, 0.456, 0.406], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(norm.variance).ravel(), np.square([0.229, 0.224, 0.225]), rtol=1e-6)
+    out = np.asarray(model(np.full((1, 2, 2, 3), 0.485, np.float32)))  # what call() computes uses them
+    np.testing.assert_allclose(out[..., 0], 0.0, atol=1e-5)
