@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -25,32 +25,33 @@ _state: Optional[bool] = None  # what the last call managed to set on every thre
 _GOMP_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
-def _torch_libgomp() -> Optional[ctypes.CDLL]:
-    """The OpenMP runtime torch's kernels run on (the ``libgomp`` mapped in this process), or ``None``."""
+def _openmp_runtimes() -> List[ctypes.CDLL]:
+    """The ``libgomp`` copies mapped in this process, torch's own first (scikit-learn and others bring their own,
+    each with its own thread pool)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "gomp" in line.rsplit("/", 1)[-1]}
     except OSError:
-        return None
-    for path in sorted(paths):
+        return []
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    libs = []
+    for path in sorted(paths, key=lambda p: (not os.path.realpath(p).startswith(torch_dir), p)):
         try:
             lib = ctypes.CDLL(path)  # already mapped: the same library, not a second copy
-            lib.GOMP_parallel  # noqa: B018 - the symbol must exist
-            return lib
+            lib.GOMP_parallel.argtypes = [_GOMP_FN, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            lib.GOMP_parallel.restype = None
+            libs.append(lib)
         except (OSError, AttributeError):
             continue
-    return None
+    return libs
 
 
-def _on_every_pool_thread(fn: Callable[[], None]) -> bool:
-    """Run ``fn`` once on each thread of torch's OpenMP pool (``torch.get_num_threads()`` threads, the calling
-    thread included); ``False`` where that runtime cannot be reached."""
-    lib = _torch_libgomp()
+def _on_every_pool_thread(fn: Callable[[], None], lib: Optional[ctypes.CDLL]) -> bool:
+    """Run ``fn`` once on each thread of ``lib``'s OpenMP pool (``torch.get_num_threads()`` threads, the calling
+    thread included); ``False`` without a runtime."""
     if lib is None:
         return False
     callback = _GOMP_FN(lambda _data: fn())
-    lib.GOMP_parallel.argtypes = [_GOMP_FN, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    lib.GOMP_parallel.restype = None
     lib.GOMP_parallel(callback, None, torch.get_num_threads(), 0)
     return True
 
@@ -80,15 +81,15 @@ def flush_denormals(enabled: bool = True) -> bool:
         if not torch.set_flush_denormal(enabled):
             _state = False
             return not enabled
-        _on_every_pool_thread(lambda: torch.set_flush_denormal(enabled))
-        if not enabled:
-            _state = False
-            return True
-        if _flushes_everywhere():
-            _state = True
-            return True
-        torch.set_flush_denormal(False)  # partly flushed would make results depend on the thread split
-        _on_every_pool_thread(lambda: torch.set_flush_denormal(False))
+        runtimes = _openmp_runtimes()
+        for lib in runtimes or [None]:  # torch's own pool first; another runtime only if that did not reach it
+            _on_every_pool_thread(lambda: torch.set_flush_denormal(enabled), lib)
+            if not enabled or _flushes_everywhere():
+                _state = enabled
+                return True
+        for lib in runtimes:  # partly flushed would make results depend on the thread split
+            _on_every_pool_thread(lambda: torch.set_flush_denormal(False), lib)
+        torch.set_flush_denormal(False)
         _state = False
         return False
 

@@ -43,10 +43,25 @@ def test_partial_flush_is_undone(monkeypatch, restore_denormals):
     results would depend on how a kernel is split) and the call says so."""
     if torch.get_num_threads() < 2:
         pytest.skip("needs a pool of 2+ threads")
-    monkeypatch.setattr(denormals, "_torch_libgomp", lambda: None)
+    monkeypatch.setattr(denormals, "_openmp_runtimes", lambda: [])
     flush_denormals(False)
     assert flush_denormals(True) is False
     assert _denormal_results() == 1 << 21
+
+
+def test_torchs_own_openmp_runtime_is_used_beside_scikit_learns(restore_denormals):
+    """scikit-learn maps its own libgomp (its own thread pool): the setting must reach torch's pool, not that one
+    (the full suite imports scikit-learn before this test ran; alone it passed)."""
+    import os
+
+    import sklearn.cluster  # noqa: F401 - maps scikit-learn's libgomp
+
+    runtimes = denormals._openmp_runtimes()
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    assert runtimes and os.path.realpath(runtimes[0]._name).startswith(torch_dir)
+    flush_denormals(False)
+    assert _denormal_results() == 1 << 21
+    assert flush_denormals(True) and _denormal_results() == 0
 
 
 def test_fit_flushes_denormals_like_keras(tmp_path, restore_denormals):
