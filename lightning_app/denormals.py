@@ -4,7 +4,7 @@ XLA (Keras-JAX) and TensorFlow run their CPU kernels with flush-to-zero / denorm
 IEEE denormals unless asked (``torch.set_flush_denormal``). The difference is invisible in the numbers that
 matter (values below 1.2e-38 become 0) but not in the time: once a head fits its data, Adam's second moments
 (squared gradients) fall into the denormal range and the fused Adam kernel ran 2.8x slower on this project's
-2-core CPU (0.92 ms instead of 0.33 ms per step of the CIFAR-10 head), a quarter of the epoch.
+2-core CPU (0.92 ms instead of 0.33 ms per step of the CIFAR-10 head, one thread), a quarter of the epoch.
 
 ``torch.set_flush_denormal`` sets the flag (x86 MXCSR) of the calling thread only; threads inherit it when they are
 created, but torch's OpenMP pool usually exists already when a Trainer starts. :func:`flush_denormals` therefore
@@ -46,14 +46,11 @@ def _openmp_runtimes() -> List[ctypes.CDLL]:
     return libs
 
 
-def _on_every_pool_thread(fn: Callable[[], None], lib: Optional[ctypes.CDLL]) -> bool:
+def _on_every_pool_thread(fn: Callable[[], None], lib: Optional[ctypes.CDLL]) -> None:
     """Run ``fn`` once on each thread of ``lib``'s OpenMP pool (``torch.get_num_threads()`` threads, the calling
-    thread included); ``False`` without a runtime."""
-    if lib is None:
-        return False
-    callback = _GOMP_FN(lambda _data: fn())
-    lib.GOMP_parallel(callback, None, torch.get_num_threads(), 0)
-    return True
+    thread included); nothing without a runtime (``None``: the calling thread's own setting is all there is)."""
+    if lib is not None:
+        lib.GOMP_parallel(_GOMP_FN(lambda _data: fn()), None, torch.get_num_threads(), 0)
 
 
 def _flushes_everywhere() -> bool:
