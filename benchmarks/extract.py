@@ -16,7 +16,9 @@ the CPU workers), the device-side batch preparation (the resize where it runs on
 ``data.resize_on``; uint8 -> float) and the cache writer. ``input pipeline alone img/s``: the image DataModule's
 predict loader as the product builds it (``workers``: its worker count), the transfer and the device-side
 preparation, no model, from the loader's start, over ``--loader-batches`` batches. ``--resize-on workers device``
-runs ours once per value (a second table).
+runs ours once per value (a second table). ``limit img/s``: the backbone's FLOPs at the machine's best matrix-product
+rate in the run's precision, measured in the same process (``_limits``); ``limit vs Keras-X`` is the most that any
+implementation of the same arithmetic could gain over Keras-X.
 Keras: ``Resizing`` + ``preprocess_input`` + ``include_top=False, pooling="avg"`` model, ``predict`` over the
 same images, ``np.save`` (see ``_keras.extract``); ``img_s`` is a second, warm ``predict``.
 Sanity guard: ours and Keras features of two images must agree (``rel diff``; ours resizes to uint8 (workers or
@@ -93,7 +95,21 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["num_workers"] = source.loader_workers(source.dataset("train")) if source is not None else None
     if spec["loader_batches"] and source is not None:
         out["loader_img_s"] = _input_pipeline_rate(source, cli.trainer.strategy.root_device, spec["loader_batches"])
+    out.update(_compute_limit(spec["model"], int(spec["size"]), cli.trainer.strategy.root_device, out))
     return out
+
+
+def _compute_limit(model: str, size: int, device: Any, out: Dict[str, Any]) -> Dict[str, Any]:
+    """The backbone's arithmetic at the machine's best matrix-product rate, in the run's precision (see
+    ``_limits``), measured in the same process after the run, and how close ours came to it."""
+    import torch
+    from _limits import gemm_flop_s, model_flops
+
+    dtype = torch.bfloat16 if "bf16" in out["precision"] else torch.float32
+    flops, rate = model_flops(model, size), gemm_flop_s(device, dtype)
+    limit = rate / flops
+    return {"model_gflop": flops / 1e9, "gemm_gflop_s": rate / 1e9, "limit_img_s": limit,
+            "pct_of_limit": 100 * out["img_s"] / limit, "model_pct_of_limit": 100 * out["model_img_s"] / limit}
 
 
 def _input_pipeline_rate(source: Any, device: Any, batches: int) -> float:
@@ -134,6 +150,10 @@ def _run_ours(res: Any, args: Any, common: Dict[str, Any], work: Path, h5_arg: s
                 res.note(f"{model}: ours and {runner} features differ by {r[f'rel_diff_{runner}']:.1e} "
                          "(max rel.) on the same images and weights: check before trusting the timing")
         r.pop("sample_features")
+    for runner in KERAS_RUNNERS.values():  # the most any implementation of the same arithmetic gains over Keras
+        ref = res.find(runner, model=model)
+        if r.get("limit_img_s") and ref and ref.get("img_s"):
+            r[f"limit_over_{runner}"] = r["limit_img_s"] / ref["img_s"]
     res.add(dict(r, model=model, size=entry.input_size, runner=OURS))
     if backends:
         check_precision(res, model, r.get("precision"), policy)
@@ -207,7 +227,11 @@ def main() -> None:
                    ("ours model-only img/s", OURS, "model_img_s", ".1f"), ("ours model %", OURS, "model_pct", ".0f"),
                    ("input pipeline alone img/s", OURS, "loader_img_s", ".1f"),
                    ("resize on", OURS, "resize_on", ""), ("workers", OURS, "num_workers", ".0f"),
-                   ("rel diff", OURS, f"rel_diff_{ref}", ".1e")])
+                   ("rel diff", OURS, f"rel_diff_{ref}", ".1e"),
+                   ("GFLOP/img", OURS, "model_gflop", ".2f"), ("GEMM GFLOP/s", OURS, "gemm_gflop_s", ".0f"),
+                   ("limit img/s", OURS, "limit_img_s", ".1f"), ("ours % of limit", OURS, "pct_of_limit", ".0f"),
+                   ("limit vs Keras-JAX", OURS, "limit_over_keras-jax", ".2f"),
+                   ("limit vs Keras-TF", OURS, "limit_over_keras-tensorflow", ".2f")])
         if len(args.resize_on) > 1:  # ours once per resize_on value (the table above shows the first)
             res.print_table(f"Ours by resize_on, {n} images, batch {batch}, {device}", keys=["model", "size", "resize_on"],
                             metric="img_s", unit="img/s", higher_is_better=True,

@@ -113,6 +113,21 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
     assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
     assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])
+    assert r["model_gflop"] > 0 and r["gemm_gflop_s"] > 0
+    assert r["limit_img_s"] == pytest.approx(r["gemm_gflop_s"] / r["model_gflop"])
+    assert r["pct_of_limit"] == pytest.approx(100 * r["img_s"] / r["limit_img_s"])
+
+
+def test_compute_limit_counts_every_multiply_add_of_the_backbone():
+    limits = _load("_limits")
+    # VGG16 without its top: 13 3x3 convolutions, 2 FLOPs per multiply-add, at 224 px
+    blocks = [(224, [(3, 64), (64, 64)]), (112, [(64, 128), (128, 128)]), (56, [(128, 256), (256, 256), (256, 256)]),
+              (28, [(256, 512), (512, 512), (512, 512)]), (14, [(512, 512)] * 3)]
+    expected = sum(2 * hw * hw * 9 * cin * cout for hw, convs in blocks for cin, cout in convs)
+    assert limits.model_flops("VGG16", 224) == expected
+    # ResNet50 without its top: 3.86 G multiply-adds, projection shortcuts included
+    assert 7.5e9 < limits.model_flops("ResNet50", 224) < 8.0e9
+    assert limits.gemm_flop_s("cpu", n=256, repeats=2) > 1e8
 
 
 def test_robustness_benchmark_runs_the_cli_test_loop_and_exports_what_it_perturbed(tmp_path):
