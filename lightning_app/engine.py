@@ -34,7 +34,6 @@ import contextlib
 import copy
 import math
 import time
-from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Union
 
@@ -44,8 +43,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from lightning_app import conv_fusion
+from lightning_app.tracing import trace_producer_consumer_pairs
 
 Precision = Literal["auto", "bf16", "fp32"]
 CompileArg = Union[bool, Literal["auto"]]
@@ -77,6 +77,8 @@ class InferenceOptions:
         backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` checks the guards without code
             generation, e.g. in tests).
         fold_bn: fold inference-mode BatchNorm into the preceding convolution.
+        fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
+            output as one oneDNN call (:mod:`lightning_app.conv_fusion`).
         channels_last: run in NHWC memory format.
         verify: check the compiled engine against eager on the first batch (fall back to eager if they disagree).
     """
@@ -87,6 +89,7 @@ class InferenceOptions:
     mode: Optional[str] = "auto"
     backend: str = "inductor"
     fold_bn: bool = True
+    fuse_activations: bool = True
     channels_last: bool = True
     verify: bool = True
 
@@ -145,22 +148,6 @@ def _bn_replacement(bn: nn.Module) -> Optional[Callable[[nn.Module], nn.Module]]
     return None  # other subclasses may change forward(): leave them alone
 
 
-class _ConsumerLog(TorchDispatchMode):
-    """Records, for tensors registered in ``watched``, every aten operation that reads them."""
-
-    def __init__(self, watched: Dict[int, str]) -> None:
-        super().__init__()
-        self.watched = watched
-        self.uses: Dict[int, List[str]] = defaultdict(list)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
-        kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, Tensor) and id(t) in self.watched:
-                self.uses[id(t)].append(str(func))
-        return func(*args, **kwargs)
-
-
 def find_conv_bn_pairs(net: nn.Module, example: Tensor) -> List[Tuple[str, str]]:
     """``(conv name, bn name)`` pairs of ``net`` where the BatchNorm folds into the convolution.
 
@@ -171,46 +158,11 @@ def find_conv_bn_pairs(net: nn.Module, example: Tensor) -> List[Tuple[str, str]]
     return _trace_conv_bn_pairs(net, example)[0]
 
 
-@torch.no_grad()
 def _trace_conv_bn_pairs(net: nn.Module, example: Tensor) -> Tuple[List[Tuple[str, str]], Any]:
     """:func:`find_conv_bn_pairs` and the output of the forward it ran."""
-    convs = {m: n for n, m in net.named_modules() if isinstance(m, _ConvNd) and not m.transposed}
-    bns = {m: n for n, m in net.named_modules() if _bn_replacement(m) is not None}
-    calls: Counter = Counter()
-    conv_out: Dict[int, str] = {}
-    bn_in: Dict[str, int] = {}
-    keep: List[Tensor] = []  # keeps ids unique while the forward runs
-
-    def conv_hook(mod: nn.Module, args: Any, out: Any) -> None:
-        calls[convs[mod]] += 1
-        if isinstance(out, Tensor):
-            conv_out[id(out)] = convs[mod]
-            keep.append(out)
-
-    def bn_hook(mod: nn.Module, args: Any) -> None:
-        calls[bns[mod]] += 1
-        if args and isinstance(args[0], Tensor):
-            bn_in[bns[mod]] = id(args[0])
-            keep.append(args[0])
-
-    handles = [m.register_forward_hook(conv_hook) for m in convs]
-    handles += [m.register_forward_pre_hook(bn_hook) for m in bns]
-    log = _ConsumerLog(conv_out)
-    try:
-        with log:
-            output = net(example)
-    finally:
-        for h in handles:
-            h.remove()
-    pairs = []
-    for bn_name, tid in bn_in.items():
-        conv_name = conv_out.get(tid)
-        if conv_name is None or calls[conv_name] != 1 or calls[bn_name] != 1:
-            continue
-        uses = log.uses.get(tid, [])
-        if len(uses) == 1 and "batch_norm" in uses[0]:
-            pairs.append((conv_name, bn_name))
-    return pairs, output
+    return trace_producer_consumer_pairs(
+        net, example, producer=lambda m: isinstance(m, _ConvNd) and not m.transposed,
+        consumer=lambda m: _bn_replacement(m) is not None, op=lambda m: "batch_norm")
 
 
 @torch.no_grad()
@@ -461,6 +413,9 @@ class InferenceEngine(nn.Module):
                     folded = FoldedCopy(source, [], self.options.channels_last)
         else:
             folded = FoldedCopy(source, [], self.options.channels_last)
+        fused = self._fuse_activations(folded, x, pairs)
+        if fused < 0:  # fusion changed the output: the plain folded copy
+            folded = FoldedCopy(source, pairs if folded.num_folded else [], self.options.channels_last)
         self.__dict__["_copy"] = folded
         self._sources, self._ids = tensors, [id(t) for t in tensors]
         self._device, self._dtype = tensors[0].device, tensors[0].dtype
@@ -469,7 +424,32 @@ class InferenceEngine(nn.Module):
         # zero-padding a batch to the compiled size is exact only when samples do not see each other
         self._batch_dependent = any(isinstance(m, _BatchNorm) and m.running_mean is None for m in source.modules())
         self.status = f"eager, BatchNorm folded {folded.num_folded}/{n_bn}"
+        if fused > 0:
+            self.status += f", {fused} convolution + activation pairs fused"
         self.stats["build_seconds"] = time.perf_counter() - start
+
+    def _fuse_activations(self, folded: FoldedCopy, x: Tensor, pairs: List[Tuple[str, str]]) -> int:
+        """Fuse ``folded``'s convolution -> activation pairs in place where the engine runs oneDNN float32 (the
+        CPU), checked against the unfused copy; the number fused, or -1 when fusing changed the output beyond
+        ``FOLD_TOLERANCE`` (the caller then rebuilds the copy unfused)."""
+        if (not self.options.fuse_activations or x.device.type != "cpu" or not conv_fusion.available()
+                or self.options.effective_precision(x.device) != "fp32"):
+            return 0
+        floating = [t for t in _tensors(self.source).values() if t.is_floating_point()]
+        if not floating or floating[0].dtype != torch.float32:
+            return 0
+        example = x[:1].detach().to(torch.float32)
+        with torch.inference_mode(False), torch.no_grad():
+            reference = folded.net(self._prepare(example.clone()))
+            fused = conv_fusion.fuse_conv_activations(folded.net, self._prepare(example.clone()))
+            if not fused:
+                return 0
+            err = relative_error(folded.net(self._prepare(example.clone())), reference)
+        if err > FOLD_TOLERANCE:
+            rank_zero_info(f"inference engine: fusing convolutions with their activations changed {self.name}'s "
+                           f"output by {err:.1e} (> {FOLD_TOLERANCE:g}); running them unfused")
+            return -1
+        return fused
 
     def refresh(self, full: bool = False) -> bool:
         """Refresh the copy if the source changed since the last refresh (in-place changes: version counters;

@@ -1,0 +1,112 @@
+"""Convolution + activation as one oneDNN call on the CPU, for the inference engine's float32 path.
+
+PyTorch's eager CPU convolution (oneDNN) writes its output to memory, and the activation that follows reads it back
+and writes it again. TensorFlow's CPU graphs fuse the two (oneDNN post-ops), and so does inductor's CPU backend
+(``torch.ops.mkldnn._convolution_pointwise``, the op its fusion pass emits). :func:`fuse_conv_activations` does the
+same in eager mode, without compiling: where an activation module is the sole reader of a convolution's output
+(found by running the network once, as the BatchNorm fold finds its pairs), the convolution is replaced by
+:class:`ConvAct2d`, which runs ``act(conv(x))`` as one call, and the activation by ``nn.Identity``. The memory-bound
+networks gain most (MobileNets, EfficientNets: their activations are as large as their convolutions' work).
+
+:class:`ConvAct2d` keeps the convolution module (and so its parameters: refreshing a folded copy in place still
+works) and the activation, and runs them unfused wherever the fused op does not apply: another device or dtype,
+autocast, or an input that requires grad (the attacks differentiate through the engine).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lightning_app.tracing import trace_producer_consumer_pairs
+
+#: activation module type -> (oneDNN post-op name, its scalars, its algorithm, the aten op that reads the input)
+_POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], Optional[str], str]]] = {
+    nn.ReLU: lambda m: ("relu", [], None, "aten.relu"),
+    nn.ReLU6: lambda m: ("hardtanh", [0.0, 6.0], None, "aten.hardtanh"),
+    nn.Hardtanh: lambda m: ("hardtanh", [float(m.min_val), float(m.max_val)], None, "aten.hardtanh"),
+    nn.SiLU: lambda m: ("swish", [], None, "aten.silu"),
+    nn.Hardswish: lambda m: ("hardswish", [], None, "aten.hardswish"),
+    nn.Sigmoid: lambda m: ("sigmoid", [], None, "aten.sigmoid"),
+}
+
+
+def _same_padding_conv() -> Optional[type]:
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return Conv2dSame
+
+
+def fusable_conv(m: nn.Module) -> bool:
+    """A 2-d convolution :class:`ConvAct2d` can run: ``nn.Conv2d`` with zero padding given as numbers, or timm's
+    ``Conv2dSame`` (TensorFlow's ``"same"`` padding, computed per input as timm does)."""
+    if type(m) is _same_padding_conv():
+        return True
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+def available() -> bool:
+    """Whether this PyTorch build has the fused oneDNN op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class ConvAct2d(nn.Module):
+    """``act(conv(x))`` in one oneDNN call: ``x [B, C, H, W]`` float32 on the CPU -> ``[B, C', H', W']``.
+
+    Args:
+        conv: the convolution (:func:`fusable_conv`); kept as a submodule with its own parameters.
+        act: the activation module (a key of the post-op table); kept for the unfused path.
+    """
+
+    def __init__(self, conv: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.act = conv, act
+        self.attr, self.scalars, self.algorithm, _ = _POST_OPS[type(act)](act)
+        self.same = type(conv) is _same_padding_conv()
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+                or torch.is_autocast_enabled("cpu")):
+            return self.act(conv(x))
+        padding = conv.padding
+        if self.same:
+            from timm.layers import pad_same
+
+            x, padding = pad_same(x, conv.weight.shape[-2:], conv.stride, conv.dilation), (0, 0)
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(padding), list(conv.stride),
+                                                       list(conv.dilation), conv.groups, self.attr, self.scalars,
+                                                       self.algorithm)
+
+    def extra_repr(self) -> str:
+        return f"post_op={self.attr!r}"
+
+
+def find_conv_act_pairs(net: nn.Module, example: Tensor) -> List[Tuple[str, str]]:
+    """``(conv name, activation name)`` pairs of ``net`` where the activation is the sole reader of the
+    convolution's output (each runs once; checked at the aten level by one forward of ``example``)."""
+    acts = {m: _POST_OPS[type(m)](m)[3] for m in net.modules() if type(m) in _POST_OPS}
+    return trace_producer_consumer_pairs(net, example, producer=fusable_conv, consumer=lambda m: m in acts,
+                                         op=lambda m: acts[m])[0]
+
+
+@torch.no_grad()
+def fuse_conv_activations(net: nn.Module, example: Tensor) -> int:
+    """Replace, in ``net`` (in place; in eval mode), every convolution -> activation pair of
+    :func:`find_conv_act_pairs` by :class:`ConvAct2d` and an ``nn.Identity``; returns the number fused."""
+    pairs = find_conv_act_pairs(net, example)
+    for conv_name, act_name in pairs:
+        act = net.get_submodule(act_name)
+        net.set_submodule(conv_name, ConvAct2d(net.get_submodule(conv_name), act))
+        net.set_submodule(act_name, nn.Identity())
+    return len(pairs)
+
+
+__all__ = ["ConvAct2d", "available", "find_conv_act_pairs", "fusable_conv", "fuse_conv_activations"]

@@ -1,0 +1,91 @@
+"""Which module reads which module's output: one forward, watched at the aten level (BatchNorm folding and
+convolution + activation fusion both need "B is the sole reader of A's output")."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class ConsumerLog(TorchDispatchMode):
+    """Records, for tensors registered in ``watched`` (``id`` -> name), every aten operation that reads them."""
+
+    def __init__(self, watched: Dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.uses: Dict[int, List[str]] = defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and id(t) in self.watched:
+                self.uses[id(t)].append(str(func))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def trace_producer_consumer_pairs(net: nn.Module, example: Tensor, producer: Callable[[nn.Module], bool],
+                                  consumer: Callable[[nn.Module], bool],
+                                  op: Callable[[nn.Module], str]) -> Tuple[List[Tuple[str, str]], Any]:
+    """``(producer name, consumer name)`` pairs of ``net``, and the output of the forward that found them.
+
+    Runs ``net(example)`` once and keeps a pair when: both modules run exactly once, the consumer's first input is
+    the producer's output tensor, and that tensor is read by exactly one aten operation, whose name contains
+    ``op(consumer)`` (so in-place and functional uses elsewhere count as readers; after a consumer that worked in
+    place, reads of the tensor are reads of the consumer's output).
+    """
+    producers = {m: n for n, m in net.named_modules() if producer(m)}
+    consumers = {m: n for n, m in net.named_modules() if consumer(m)}
+    calls: Counter = Counter()
+    produced: Dict[int, str] = {}
+    consumed: Dict[str, int] = {}
+    keep: List[Tensor] = []  # keeps ids unique while the forward runs
+
+    def producer_hook(mod: nn.Module, args: Any, out: Any) -> None:
+        calls[producers[mod]] += 1
+        if isinstance(out, Tensor):
+            produced[id(out)] = producers[mod]
+            keep.append(out)
+
+    def consumer_hook(mod: nn.Module, args: Any) -> None:
+        calls[consumers[mod]] += 1
+        if args and isinstance(args[0], Tensor):
+            consumed[consumers[mod]] = id(args[0])
+            keep.append(args[0])
+
+    def consumer_done(mod: nn.Module, args: Any, out: Any) -> None:
+        # an in-place consumer (ReLU(inplace=True)) returns its input: later reads of that tensor read its output
+        if args and isinstance(args[0], Tensor) and out is args[0]:
+            in_place[consumers[mod]] = len(log.uses.get(id(out), []))
+
+    in_place: Dict[str, int] = {}
+    log = ConsumerLog(produced)
+    handles = [m.register_forward_hook(producer_hook) for m in producers]
+    handles += [m.register_forward_pre_hook(consumer_hook) for m in consumers]
+    handles += [m.register_forward_hook(consumer_done) for m in consumers]
+    try:
+        with log:
+            output = net(example)
+    finally:
+        for h in handles:
+            h.remove()
+    by_name = {n: m for m, n in consumers.items()}
+    pairs = []
+    for consumer_name, tid in consumed.items():
+        producer_name = produced.get(tid)
+        if producer_name is None or calls[producer_name] != 1 or calls[consumer_name] != 1:
+            continue
+        uses = log.uses.get(tid, [])
+        if consumer_name in in_place:
+            uses = uses[:in_place[consumer_name]]
+        if len(uses) == 1 and op(by_name[consumer_name]) in uses[0]:
+            pairs.append((producer_name, consumer_name))
+    return pairs, output
+
+
+__all__ = ["ConsumerLog", "trace_producer_consumer_pairs"]
