@@ -48,3 +48,19 @@ def test_system_setting_leaves_glibc_alone():
     applied, faults = _run("system")
     assert not applied
     assert faults > 5 * 11_000  # every round faults its ~11,700 pages in again: what the setting removes
+
+
+def test_feature_extraction_and_every_module_stage_make_the_setting(monkeypatch):
+    """Extraction runs its own predict loop before the TransferModule's stages: both set it up."""
+    import torch.nn as nn
+
+    import lightning_app.data.features as features
+    import lightning_app.module as module
+
+    calls = []
+    monkeypatch.setattr(features, "keep_freed_memory", lambda: calls.append("extract"))
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: calls.append("module"))
+    features.FeatureExtractor(nn.Identity()).setup("predict")
+    assert calls == ["extract"]
+    src = module.TransferModule.setup.__code__.co_names
+    assert "keep_freed_memory" in src

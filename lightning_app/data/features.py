@@ -41,6 +41,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
 from lightning_app.atomic import atomic_write
+from lightning_app.denormals import flush_denormals
+from lightning_app.host_memory import keep_freed_memory
 from lightning_app.data.feature_loader import EVAL_CHUNK_ROWS, FeatureLoader
 from lightning_app.data.host_copy import HostCopyQueue
 from lightning_app.errors import DataMismatchError
@@ -236,6 +238,13 @@ class FeatureExtractor(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self(batch[0]).float()
+
+    def setup(self, stage: str) -> None:
+        # the CPU settings TransferModule.setup makes for every stage; this predict loop runs before any of them.
+        # Without the first, each batch's large tensors are page-faulted in afresh (MobileNetV2 at 224 px on 2
+        # cores: 53 -> 125 img/s through the CLI).
+        keep_freed_memory()
+        flush_denormals()
 
     def on_predict_epoch_start(self) -> None:
         if self.engine is not None:
