@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import Conv2dSame, pad_same
 from torch import Tensor
 
 from lightning_app.tracing import trace_producer_consumer_pairs
@@ -33,18 +34,10 @@ _POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], Optional[str],
 }
 
 
-def _same_padding_conv() -> Optional[type]:
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return Conv2dSame
-
-
 def fusable_conv(m: nn.Module) -> bool:
     """A 2-d convolution :class:`ConvAct2d` can run: ``nn.Conv2d`` with zero padding given as numbers, or timm's
     ``Conv2dSame`` (TensorFlow's ``"same"`` padding, computed per input as timm does)."""
-    if type(m) is _same_padding_conv():
+    if type(m) is Conv2dSame:
         return True
     return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
@@ -66,7 +59,7 @@ class ConvAct2d(nn.Module):
         super().__init__()
         self.conv, self.act = conv, act
         self.attr, self.scalars, self.algorithm, _ = _POST_OPS[type(act)](act)
-        self.same = type(conv) is _same_padding_conv()
+        self.same = type(conv) is Conv2dSame
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
@@ -76,8 +69,6 @@ class ConvAct2d(nn.Module):
             return self.act(conv(x))
         padding = conv.padding
         if self.same:
-            from timm.layers import pad_same
-
             x, padding = pad_same(x, conv.weight.shape[-2:], conv.stride, conv.dilation), (0, 0)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()

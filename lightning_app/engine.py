@@ -9,6 +9,8 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
   network once and watching which tensors each operation consumes (:func:`find_conv_bn_pairs`): a pair is folded
   only when the BatchNorm is the sole consumer of the convolution's output. The fold is applied to a **copy**
   (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
+* **Convolution + activation fused** on the CPU in float32 (one oneDNN call, :mod:`lightning_app.conv_fusion`), where
+  the activation alone reads the convolution's output; checked against the unfused copy like the fold.
 * **channels_last** memory format, **bf16 autocast** on CUDA by default (``precision="fp32"``: no autocast and no
   TF32 convolutions, for parity work), and **torch.compile** without weight freezing: the weights stay inputs of
   the compiled graph, so a refresh after fine-tuning updates them in place with no recompilation (and inductor's
@@ -398,9 +400,10 @@ class InferenceEngine(nn.Module):
         self._reset()
         start = time.perf_counter()
         pairs: List[Tuple[str, str]] = []
+        floating = [t for t in tensors if t.is_floating_point()]
+        dtype = floating[0].dtype if floating else None
         if self.options.fold_bn:
-            floating = [t for t in tensors if t.is_floating_point()]
-            example = x[:1].detach().to(floating[0].dtype if floating else torch.float32)
+            example = x[:1].detach().to(dtype or torch.float32)
             with eval_mode(source), torch.inference_mode(False), precision_context("fp32", x.device.type):
                 pairs, reference = _trace_conv_bn_pairs(source, example.clone())
                 folded = FoldedCopy(source, pairs, self.options.channels_last)
@@ -413,7 +416,7 @@ class InferenceEngine(nn.Module):
                     folded = FoldedCopy(source, [], self.options.channels_last)
         else:
             folded = FoldedCopy(source, [], self.options.channels_last)
-        fused = self._fuse_activations(folded, x, pairs)
+        fused = self._fuse_activations(folded, x, dtype)
         if fused < 0:  # fusion changed the output: the plain folded copy
             folded = FoldedCopy(source, pairs if folded.num_folded else [], self.options.channels_last)
         self.__dict__["_copy"] = folded
@@ -428,15 +431,12 @@ class InferenceEngine(nn.Module):
             self.status += f", {fused} convolution + activation pairs fused"
         self.stats["build_seconds"] = time.perf_counter() - start
 
-    def _fuse_activations(self, folded: FoldedCopy, x: Tensor, pairs: List[Tuple[str, str]]) -> int:
+    def _fuse_activations(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
         """Fuse ``folded``'s convolution -> activation pairs in place where the engine runs oneDNN float32 (the
-        CPU), checked against the unfused copy; the number fused, or -1 when fusing changed the output beyond
-        ``FOLD_TOLERANCE`` (the caller then rebuilds the copy unfused)."""
+        CPU, a float32 source of ``dtype``), checked against the unfused copy; the number fused, or -1 when fusing
+        changed the output beyond ``FOLD_TOLERANCE`` (the caller then rebuilds the copy unfused)."""
         if (not self.options.fuse_activations or x.device.type != "cpu" or not conv_fusion.available()
-                or self.options.effective_precision(x.device) != "fp32"):
-            return 0
-        floating = [t for t in _tensors(self.source).values() if t.is_floating_point()]
-        if not floating or floating[0].dtype != torch.float32:
+                or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32):
             return 0
         example = x[:1].detach().to(torch.float32)
         with torch.inference_mode(False), torch.no_grad():

@@ -49,10 +49,10 @@ from lightning_app.checkpoint import (
 from lightning_app.checkpoint import metadata as checkpoint_metadata
 from lightning_app.data.feature_loader import FeatureChunk
 from lightning_app.denormals import flush_denormals
-from lightning_app.host_memory import keep_freed_memory
 from lightning_app.dropout import Dropout
 from lightning_app.engine import InferenceEngine, InferenceOptions, as_inference_options, options_dict
 from lightning_app.errors import ConfigError
+from lightning_app.host_memory import keep_freed_memory
 from lightning_app.finetune import (CompiledBackbone, LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all,
                                    layer_groups)
 from lightning_app.head_steps import EagerHeadSteps, EpochStats, select_head_steps

@@ -44,6 +44,7 @@ def trace_producer_consumer_pairs(net: nn.Module, example: Tensor, producer: Cal
     calls: Counter = Counter()
     produced: Dict[int, str] = {}
     consumed: Dict[str, int] = {}
+    in_place: Dict[str, int] = {}  # consumer -> reads of its input before it returned it (in place)
     keep: List[Tensor] = []  # keeps ids unique while the forward runs
 
     def producer_hook(mod: nn.Module, args: Any, out: Any) -> None:
@@ -63,7 +64,6 @@ def trace_producer_consumer_pairs(net: nn.Module, example: Tensor, producer: Cal
         if args and isinstance(args[0], Tensor) and out is args[0]:
             in_place[consumers[mod]] = len(log.uses.get(id(out), []))
 
-    in_place: Dict[str, int] = {}
     log = ConsumerLog(produced)
     handles = [m.register_forward_hook(producer_hook) for m in producers]
     handles += [m.register_forward_pre_hook(consumer_hook) for m in consumers]

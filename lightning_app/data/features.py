@@ -41,11 +41,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
 from lightning_app.atomic import atomic_write
-from lightning_app.denormals import flush_denormals
-from lightning_app.host_memory import keep_freed_memory
 from lightning_app.data.feature_loader import EVAL_CHUNK_ROWS, FeatureLoader
 from lightning_app.data.host_copy import HostCopyQueue
+from lightning_app.denormals import flush_denormals
 from lightning_app.errors import DataMismatchError
+from lightning_app.host_memory import keep_freed_memory
 from lightning_app.zoo.weights import file_digest, state_dict_digest
 
 CACHE_VERSION = 1
