@@ -112,6 +112,12 @@ class LeanHeadSteps(EagerHeadSteps):
 
     The optimizer's state (``step``, ``exp_avg``, ``exp_avg_sq``) is created by one ordinary ``step()`` (the
     first mini-batch) and then updated in place, so checkpoints and resumes see an ordinary Adam.
+
+    Weight layout: after that first step every ``Linear`` weight, its gradient and its Adam moments are re-stored
+    transposed (:func:`kernel_layout`: ``weight.t()`` contiguous, ``[in, out]`` in memory like a Keras ``Dense``
+    kernel; same shapes, values and ``Parameter`` objects). The two large products then run as plain
+    ``[b, in] @ [in, out]`` and ``[in, b] @ [b, out]`` GEMMs, which MKL does about a fifth faster at these skinny
+    shapes than the ``x @ W^T`` and ``g^T @ x`` forms (``benchmarks/head.py`` shows the step against its limit).
     """
 
     name = "lean"
@@ -124,6 +130,18 @@ class LeanHeadSteps(EagerHeadSteps):
         self.input_dropout, self.blocks, self.out = _parse_head(head)
         self._groups: Optional[List[Dict[str, Any]]] = None
 
+    def _use_kernel_layout(self) -> None:
+        """Weights, gradients and Adam moments of every ``Linear`` in :func:`kernel_layout` (class docstring)."""
+        for lin in [b[0] for b in self.blocks] + [self.out]:
+            w = lin.weight
+            w.data = kernel_layout(w.data)
+            if w.grad is not None:
+                w.grad = kernel_layout(w.grad)
+            state = self.optimizer.state.get(w)
+            for k, v in list(state.items()) if state else ():
+                if isinstance(v, torch.Tensor) and v.shape == w.shape:
+                    state[k] = kernel_layout(v)
+
     def _adam_groups(self) -> Optional[List[Dict[str, Any]]]:
         """Per param group: the tensor lists of the fused kernel (``None`` until the optimizer has state)."""
         groups = []
@@ -132,10 +150,12 @@ class LeanHeadSteps(EagerHeadSteps):
             states = [self.optimizer.state.get(p) for p in params]
             if any(not st for st in states):
                 return None
+            # the fused kernel copies a non-contiguous tensor in and out: it gets the contiguous views
             groups.append({
-                "group": g, "params": params, "grads": [p.grad for p in params],
-                "exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
-                "max_exp_avg_sqs": [st["max_exp_avg_sq"] for st in states] if g["amsgrad"] else [],
+                "group": g, "params": [_flat(p) for p in params], "grads": [_flat(p.grad) for p in params],
+                "exp_avgs": [_flat(st["exp_avg"]) for st in states],
+                "exp_avg_sqs": [_flat(st["exp_avg_sq"]) for st in states],
+                "max_exp_avg_sqs": [_flat(st["max_exp_avg_sq"]) for st in states] if g["amsgrad"] else [],
                 "steps": [st["step"] for st in states],
                 "ptrs": tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values())),
             })
@@ -145,7 +165,7 @@ class LeanHeadSteps(EagerHeadSteps):
         if self._groups is None:
             return False
         for cached in self._groups:
-            params = cached["params"]
+            params = [p for p in cached["group"]["params"] if p.grad is not None]
             states = [self.optimizer.state.get(p) for p in params]
             if any(not st for st in states) or any(p.grad is None for p in params) or cached["ptrs"] != tuple(
                     t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values())):
@@ -158,6 +178,7 @@ class LeanHeadSteps(EagerHeadSteps):
             for p in self.head.parameters():  # persistent gradient buffers for the written-out backward
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            self._use_kernel_layout()
             self._groups = self._adam_groups()
             return logits, loss
         with torch.no_grad():
@@ -197,7 +218,7 @@ class LeanHeadSteps(EagerHeadSteps):
             g.sub_(self.label_smoothing / c)
         g.scatter_add_(1, y.unsqueeze(1), torch.full((b, 1), self.label_smoothing - 1.0, device=g.device))
         g.div_(b)
-        torch.mm(g.t(), h, out=out.weight.grad)
+        _mm_into(g.t(), h, out.weight.grad)
         if out.bias is not None:
             torch.sum(g, 0, out=out.bias.grad)
         da = torch.mm(g, out.weight) if self.blocks else None
@@ -207,7 +228,7 @@ class LeanHeadSteps(EagerHeadSteps):
             if noise is not None:
                 da.mul_(noise)
             dz = torch.ops.aten.threshold_backward(da, z, 0)
-            torch.mm(dz.t(), h_in, out=lin.weight.grad)
+            _mm_into(dz.t(), h_in, lin.weight.grad)
             if lin.bias is not None:
                 torch.sum(dz, 0, out=lin.bias.grad)
             if i:
@@ -221,6 +242,28 @@ class LeanHeadSteps(EagerHeadSteps):
                   cached["max_exp_avg_sqs"], cached["steps"], lr=grp["lr"], beta1=beta1, beta2=beta2,
                   weight_decay=grp["weight_decay"], eps=grp["eps"], amsgrad=grp["amsgrad"], maximize=grp["maximize"])
         return logits, loss
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D ``[out, in]`` tensor stored transposed (``t.t()`` contiguous: ``[in, out]`` in memory, the layout of a
+    Keras ``Dense`` kernel), same shape and values; ``t`` itself when already so stored or not 2-D."""
+    if t.dim() != 2 or t.t().is_contiguous():
+        return t
+    return t.t().contiguous().t()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The contiguous view of a contiguous or :func:`kernel_layout` tensor (same memory, maybe transposed)."""
+    return t if t.is_contiguous() else t.t()
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` written in place whether ``out`` is contiguous or in :func:`kernel_layout` (then as
+    ``out^T = b^T a^T``, no copy)."""
+    if out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(b.t(), a.t(), out=out.t())
 
 
 MaskFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -268,7 +311,8 @@ def lean_blocker(head: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[
     if type(optimizer) not in CAPTURABLE_OPTIMIZERS:
         return f"{type(optimizer).__name__} is not Adam / AdamW"
     params = list(head.parameters())
-    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+    if any(p.dtype != torch.float32 or not (p.is_contiguous() or p.dim() == 2 and p.t().is_contiguous())
+           for p in params):
         return "head parameters are not contiguous float32"
     head_ids = {id(p) for p in params}
     for g in optimizer.param_groups:
@@ -495,24 +539,25 @@ def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int, inner:
 def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats: int = 7, inner: int = 50) -> float:
     """The compute limit of one head step: seconds spent in its matrix products alone, timed with ``torch.mm``
     at the step's shapes (per ``Linear``: forward ``a W^T``, weight gradient ``g^T a``, and the input gradient
-    ``g W`` for every layer but the first), best of ``repeats`` x ``inner`` steps."""
+    ``g W`` for every layer but the first), each product in the faster of its two memory layouts (weight stored
+    ``[out, in]`` as ``nn.Linear`` keeps it, or ``[in, out]``: :func:`kernel_layout`), best of ``repeats`` x
+    ``inner`` calls."""
     device = torch.device(device)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    ops = []
+    total = 0.0
     for i, lin in enumerate(linears):
-        w = lin.weight.detach().to(device)
+        w = lin.weight.detach().to(device).contiguous()  # [out, in]
+        wk = kernel_layout(w)  # the same values stored [in, out]
         a = torch.randn(batch_size, w.shape[1], device=device)
         g = torch.randn(batch_size, w.shape[0], device=device)
-        out_f, out_w = torch.empty(batch_size, w.shape[0], device=device), torch.empty_like(w)
-        ops += [(torch.mm, a, w.t(), out_f), (torch.mm, g.t(), a, out_w)]
+        out_f, dw, dwk, da = torch.empty(batch_size, w.shape[0], device=device), torch.empty_like(w), \
+            kernel_layout(torch.empty_like(w)), torch.empty_like(a)
+        products = [[lambda: torch.mm(a, w.t(), out=out_f), lambda: torch.mm(a, wk.t(), out=out_f)],
+                    [lambda: _mm_into(g.t(), a, dw), lambda: _mm_into(g.t(), a, dwk)]]
         if i:
-            ops.append((torch.mm, g, w, torch.empty_like(a)))
-
-    def step() -> None:
-        for fn, x, y, out in ops:
-            fn(x, y, out=out)
-
-    return _best_time(step, device, repeats, inner)
+            products.append([lambda: torch.mm(g, w, out=da), lambda: torch.mm(g, wk, out=da)])
+        total += sum(min(_best_time(fn, device, repeats, inner) for fn in forms) for forms in products)
+    return total
 
 
 @torch.no_grad()
@@ -520,7 +565,7 @@ def adam_kernel_time(head: nn.Module, device: Any = "cpu", repeats: int = 7, inn
     """Seconds per call of the fused Adam kernel (what ``Adam(fused=True).step()`` runs) on the head's parameter
     shapes, best of ``repeats`` x ``inner``: the optimizer's share of the step floor."""
     device = torch.device(device)
-    params = [p.detach().to(device).clone() for p in head.parameters()]
+    params = [p.detach().to(device).contiguous().clone() for p in head.parameters()]
     grads = [torch.randn_like(p) * 1e-3 for p in params]
     m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     steps = [torch.zeros((), device=device) for _ in params]
@@ -566,5 +611,5 @@ def select_head_steps(head: nn.Module, loss_fn: LossFn, optimizer: torch.optim.O
 
 
 __all__ = ["CAPTURABLE_OPTIMIZERS", "CudaGraphHeadSteps", "EagerHeadSteps", "EpochStats", "LeanHeadSteps",
-           "StepResult", "adam_kernel_time", "graph_capture_blocker", "lean_blocker", "matmul_limit",
+           "StepResult", "adam_kernel_time", "graph_capture_blocker", "kernel_layout", "lean_blocker", "matmul_limit",
            "select_head_steps"]

@@ -338,6 +338,66 @@ def test_lean_step_equals_autograd_for_every_head_layout(hidden, dropout, opt):
         torch.testing.assert_close(w_lean[k], w_eager[k], rtol=1e-5, atol=1e-6)
 
 
+def test_lean_steps_keep_keras_kernel_layout_and_resume_from_a_checkpoint():
+    """The written-out step stores each weight, gradient and Adam moment as ``[in, out]`` in memory (the fast GEMM
+    layout), hands the fused kernel contiguous views of that memory (no copies), and a checkpoint written in that
+    layout resumes into a fresh (``[out, in]``) head: lean and autograd steps after the resume agree with each
+    other and with the run that was never interrupted."""
+    import io
+
+    from lightning_app.head_steps import kernel_layout
+    from lightning_app.module import build_head
+
+    feats, labels = features(n=64, dim=24)
+
+    def fresh():
+        torch.manual_seed(0)
+        head = build_head(24, [16], 0.2, 4).train()
+        return head, torch.optim.Adam(head.parameters(), lr=1e-2, amsgrad=True)
+
+    def train(runner, epochs):
+        loader = FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)
+        losses = []
+        for epoch in epochs:
+            loader.sampler.set_epoch(epoch)
+            for chunk in loader:
+                losses += runner.run(chunk).losses.tolist()
+        return losses
+
+    head, optim = fresh()
+    runner = LeanHeadSteps(head, 0.0, optim)
+    torch.manual_seed(7)
+    train(runner, [0])
+    for lin in (head[0], head[3]):
+        w, st = lin.weight, optim.state[lin.weight]
+        for t in (w, w.grad, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"]):
+            assert t.t().is_contiguous() and not t.is_contiguous(), t.stride()
+        assert kernel_layout(w) is w
+    flat = [t for g in runner._groups for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+            for t in g[k]]
+    assert all(t.is_contiguous() for t in flat) and len(flat) == 5 * 4
+    assert {t.data_ptr() for t in flat} >= {head[0].weight.data_ptr(), head[0].weight.grad.data_ptr()}
+    buf = io.BytesIO()
+    torch.save({"head": head.state_dict(), "optim": optim.state_dict(), "rng": torch.get_rng_state()}, buf)
+    uninterrupted = train(runner, [1, 2])
+    resumed = []
+    for runner_cls in (LeanHeadSteps, EagerHeadSteps):
+        buf.seek(0)
+        ckpt = torch.load(buf)
+        head2, optim2 = fresh()
+        assert head2[0].weight.is_contiguous()
+        head2.load_state_dict(ckpt["head"])
+        optim2.load_state_dict(ckpt["optim"])
+        torch.set_rng_state(ckpt["rng"])
+        runner2 = (LeanHeadSteps(head2, 0.0, optim2) if runner_cls is LeanHeadSteps
+                   else EagerHeadSteps(head2, F.cross_entropy, optim2))
+        resumed.append((train(runner2, [1, 2]), head2[0].weight.detach().clone()))
+    np.testing.assert_allclose(resumed[0][0], resumed[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(resumed[0][0], uninterrupted, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed[0][1], resumed[1][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed[0][1], head[0].weight.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_lean_step_draws_a_plain_nn_dropouts_masks_too():
     """A head with torch's own ``nn.Dropout`` (not ``build_head``'s): the written-out step draws bernoulli masks as
     that layer does, so it still equals autograd step for step."""
