@@ -47,12 +47,11 @@ from lightning_app.checkpoint import (
     weights_provenance,
 )
 from lightning_app.checkpoint import metadata as checkpoint_metadata
+from lightning_app.cpu_settings import apply_cpu_settings
 from lightning_app.data.feature_loader import FeatureChunk
-from lightning_app.denormals import flush_denormals
 from lightning_app.dropout import Dropout
 from lightning_app.engine import InferenceEngine, InferenceOptions, as_inference_options, options_dict
 from lightning_app.errors import ConfigError
-from lightning_app.host_memory import keep_freed_memory
 from lightning_app.finetune import (CompiledBackbone, LayerGroup, bn_is_frozen, enforce_frozen_bn, freeze_all,
                                    layer_groups)
 from lightning_app.head_steps import EagerHeadSteps, EpochStats, select_head_steps
@@ -563,11 +562,7 @@ class TransferModule(pl.LightningModule):
         return list(self.data_spec.get("class_names") or [])
 
     def setup(self, stage: str) -> None:
-        # as Keras's CPU backends compute (XLA, TensorFlow): also 2.8x faster Adam steps once gradients get tiny
-        if not flush_denormals():
-            rank_zero_info("float32 denormals are kept on this CPU (flush-to-zero could not be set on every thread)")
-        # freed CPU memory reused instead of re-faulted from the kernel: 2.1x on MobileNetV2 extraction (2 cores)
-        keep_freed_memory()
+        apply_cpu_settings()  # denormals flushed, freed memory kept (lightning_app.cpu_settings)
         if stage == "fit":
             self._setup_training_speedups()
         # fit: the data trained on; other stages keep what a checkpoint said (restored after setup) and otherwise

@@ -50,17 +50,18 @@ def test_system_setting_leaves_glibc_alone():
     assert faults > 5 * 11_000  # every round faults its ~11,700 pages in again: what the setting removes
 
 
-def test_feature_extraction_and_every_module_stage_make_the_setting(monkeypatch):
-    """Extraction runs its own predict loop before the TransferModule's stages: both set it up."""
+def test_feature_extraction_and_every_module_stage_make_the_cpu_settings(monkeypatch):
+    """Extraction runs its own predict loop before the TransferModule's stages: both make the CPU settings (freed
+    memory kept, denormals flushed) through ``lightning_app.cpu_settings``."""
     import torch.nn as nn
 
+    import lightning_app.cpu_settings as cpu_settings
     import lightning_app.data.features as features
     import lightning_app.module as module
 
     calls = []
-    monkeypatch.setattr(features, "keep_freed_memory", lambda: calls.append("extract"))
-    monkeypatch.setattr(module, "keep_freed_memory", lambda: calls.append("module"))
+    monkeypatch.setattr(cpu_settings, "keep_freed_memory", lambda: calls.append("memory"))
+    monkeypatch.setattr(cpu_settings, "flush_denormals", lambda: calls.append("denormals") or True)
     features.FeatureExtractor(nn.Identity()).setup("predict")
-    assert calls == ["extract"]
-    src = module.TransferModule.setup.__code__.co_names
-    assert "keep_freed_memory" in src
+    assert calls == ["denormals", "memory"]
+    assert "apply_cpu_settings" in module.TransferModule.setup.__code__.co_names  # every stage, before its branches

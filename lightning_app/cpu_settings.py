@@ -1,0 +1,30 @@
+"""The process-wide CPU settings every Trainer stage runs under, made in one place.
+
+* float32 denormals flushed to zero (:mod:`lightning_app.denormals`), as Keras's CPU backends (XLA, TensorFlow)
+  compute; without it Adam's steps ran 2.8x slower once the gradients got tiny.
+* freed memory kept in the process for reuse (:mod:`lightning_app.host_memory`); without it each batch's large
+  tensors are page-faulted in afresh (MobileNetV2 extraction at 224 px on 2 cores: 53 -> 125 img/s via the CLI).
+
+Called from :meth:`lightning_app.module.TransferModule.setup` and from the feature extractor's ``setup`` (its
+predict loop runs before the module's ``setup``). Idempotent.
+"""
+from __future__ import annotations
+
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_app.denormals import flush_denormals
+from lightning_app.host_memory import keep_freed_memory
+
+_said = False
+
+
+def apply_cpu_settings() -> None:
+    """Flush float32 denormals and keep freed memory (module docstring); says once when denormals are kept."""
+    global _said
+    if not flush_denormals() and not _said:
+        _said = True
+        rank_zero_info("float32 denormals are kept on this CPU (flush-to-zero could not be set on every thread)")
+    keep_freed_memory()
+
+
+__all__ = ["apply_cpu_settings"]
