@@ -139,7 +139,7 @@ def keras_efficientnetv2_s(pretrained: bool = False, **kwargs) -> EfficientNet:
 
 
 @register_model
-@keras_application("EfficientNetV2M", parity=False, size=480, top1=85.3, **_SML,
+@keras_application("EfficientNetV2M", size=480, top1=85.3, **_SML,
                    files=_files("m", "a3bf6aa3276309f4fc6a34aa114c95cd", "1b8dc055df72dde80d614482840fe342"))
 def keras_efficientnetv2_m(pretrained: bool = False, **kwargs) -> EfficientNet:
     """Keras ``EfficientNetV2M``."""
@@ -147,7 +147,7 @@ def keras_efficientnetv2_m(pretrained: bool = False, **kwargs) -> EfficientNet:
 
 
 @register_model
-@keras_application("EfficientNetV2L", parity=False, size=480, top1=85.7, **_SML,
+@keras_application("EfficientNetV2L", size=480, top1=85.7, **_SML,
                    files=_files("l", "27e6d408b53c7ebc868fefa357689935", "b0b66b5c863aef5b46e8608fe1711615"))
 def keras_efficientnetv2_l(pretrained: bool = False, **kwargs) -> EfficientNet:
     """Keras ``EfficientNetV2L``."""
