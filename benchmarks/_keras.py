@@ -193,8 +193,8 @@ def extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         clock = _batch_clock(keras)
         t = now()
         model.predict(x[:n_full], batch_size=batch, verbose=0, callbacks=[clock])
-        total = now() - t
-        steady, batches, outside = n_full / total, n_full / sum(clock.batch_s), total - sum(clock.batch_s)
+        total, busy = now() - t, sum(clock.batch_s)
+        steady, batches, outside = n_full / total, n_full / busy, total - busy
     return {"env": info, "device": _device(info), "images": len(x), "batch": batch, "wall_s": t3 - t0,
             "data_s": t1 - t0, "predict_s": t2 - t1, "save_s": t3 - t2, "img_s": steady,
             "batches_img_s": batches, "outside_batches_s": outside,

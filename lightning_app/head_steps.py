@@ -152,12 +152,13 @@ class LeanHeadSteps(EagerHeadSteps):
                 return None
             # the fused kernel copies a non-contiguous tensor in and out: it gets the contiguous views
             groups.append({
-                "group": g, "params": [_flat(p) for p in params], "grads": [_flat(p.grad) for p in params],
+                "group": g, "owners": params,
+                "params": [_flat(p) for p in params], "grads": [_flat(p.grad) for p in params],
                 "exp_avgs": [_flat(st["exp_avg"]) for st in states],
                 "exp_avg_sqs": [_flat(st["exp_avg_sq"]) for st in states],
                 "max_exp_avg_sqs": [_flat(st["max_exp_avg_sq"]) for st in states] if g["amsgrad"] else [],
                 "steps": [st["step"] for st in states],
-                "ptrs": tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values())),
+                "ptrs": _storage_ptrs(params, states),
             })
         return groups
 
@@ -165,10 +166,10 @@ class LeanHeadSteps(EagerHeadSteps):
         if self._groups is None:
             return False
         for cached in self._groups:
-            params = [p for p in cached["group"]["params"] if p.grad is not None]
+            params = cached["owners"]
             states = [self.optimizer.state.get(p) for p in params]
-            if any(not st for st in states) or any(p.grad is None for p in params) or cached["ptrs"] != tuple(
-                    t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values())):
+            if any(not st for st in states) or any(p.grad is None for p in params) or \
+                    cached["ptrs"] != _storage_ptrs(params, states):
                 return False
         return True
 
@@ -244,6 +245,12 @@ class LeanHeadSteps(EagerHeadSteps):
         return logits, loss
 
 
+def _storage_ptrs(params: List[torch.Tensor], states: List[Dict[str, Any]]) -> Tuple[int, ...]:
+    """Where each parameter, its gradient and its optimizer state live: the written-out steps' tensor lists are
+    valid while these stay the same."""
+    return tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values()))
+
+
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """A 2-D ``[out, in]`` tensor stored transposed (``t.t()`` contiguous: ``[in, out]`` in memory, the layout of a
     Keras ``Dense`` kernel), same shape and values; ``t`` itself when already so stored or not 2-D."""
@@ -311,8 +318,7 @@ def lean_blocker(head: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[
     if type(optimizer) not in CAPTURABLE_OPTIMIZERS:
         return f"{type(optimizer).__name__} is not Adam / AdamW"
     params = list(head.parameters())
-    if any(p.dtype != torch.float32 or not (p.is_contiguous() or p.dim() == 2 and p.t().is_contiguous())
-           for p in params):
+    if any(p.dtype != torch.float32 or not _flat(p).is_contiguous() for p in params):  # plain or kernel_layout
         return "head parameters are not contiguous float32"
     head_ids = {id(p) for p in params}
     for g in optimizer.param_groups:
