@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -36,8 +36,9 @@ CONFIG = ROOT / "configs" / "food.yaml"
 
 
 # ----------------------------------------------------------------------------- ours (worker)
-def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from _ours import common_overrides, env_info, run_cli
+def cli_args(spec: Dict[str, Any]) -> List[Any]:
+    """The CLI's ``fit`` arguments for one fine-tuning run of ours (``spec``: the worker's job)."""
+    from _ours import common_overrides
 
     args = ["fit", "--config", spec["config"], *common_overrides(spec["run_dir"]),
             "--model.backbone", spec["model"], "--model.weights", spec["h5"],
@@ -46,6 +47,15 @@ def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
             "--data.init_args.val_split", 0, "--data.init_args.test_split", 0,
             "--trainer.max_epochs", spec["epochs"],
             "--trainer.num_sanity_val_steps", 0, "--test_after_fit", "false"]
+    if spec.get("compile_backbone") is not None:  # else the product's default for the device
+        args += ["--model.compile_backbone", spec["compile_backbone"]]
+    return args
+
+
+def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from _ours import env_info, run_cli
+
+    args = cli_args(spec)
     cli, timer = run_cli(args, sync_batches=False, drop_callbacks=("LayerwiseUnfreezing",))
     module = cli.model
     frozen = [n for n, p in module.backbone.named_parameters() if not p.requires_grad]

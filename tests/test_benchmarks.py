@@ -161,6 +161,17 @@ def test_finetune_benchmark_trains_every_layer_through_the_cli(tmp_path):
     assert r["images"] == 16 and r["batch"] == 4 and len(r["epoch_s"]) == 2 and r["img_s"] > 0
 
 
+def test_finetune_benchmark_passes_compile_backbone_to_the_cli():
+    """``--compile-backbone true`` reaches ``--model.compile_backbone`` (it once stayed in the job spec only, and a
+    GPU run labelled "compiled" trained eagerly); unset, the product's device default applies."""
+    finetune = _load("finetune")
+    spec = {"config": "c.yaml", "model": "ResNet50", "h5": "null", "data": "d", "size": 224, "batch": 8, "epochs": 2,
+            "run_dir": "r"}
+    args = [str(a) for a in finetune.cli_args(dict(spec, compile_backbone="true"))]
+    assert args[args.index("--model.compile_backbone") + 1] == "true"
+    assert "--model.compile_backbone" not in [str(a) for a in finetune.cli_args(dict(spec, compile_backbone=None))]
+
+
 class _Tiny(__import__("pytorch_lightning").LightningModule):
     def __init__(self):
         super().__init__()
