@@ -47,7 +47,7 @@ from lightning_app.checkpoint import (
     weights_provenance,
 )
 from lightning_app.checkpoint import metadata as checkpoint_metadata
-from lightning_app.cpu_settings import apply_cpu_settings
+from lightning_app.cpu_settings import apply_cpu_settings, trainer_device
 from lightning_app.data.feature_loader import FeatureChunk
 from lightning_app.dropout import Dropout
 from lightning_app.engine import InferenceEngine, InferenceOptions, as_inference_options, options_dict
@@ -562,7 +562,7 @@ class TransferModule(pl.LightningModule):
         return list(self.data_spec.get("class_names") or [])
 
     def setup(self, stage: str) -> None:
-        apply_cpu_settings()  # denormals flushed, freed memory kept (lightning_app.cpu_settings)
+        apply_cpu_settings(trainer_device(self))  # on the CPU: denormals flushed, freed memory kept
         if stage == "fit":
             self._setup_training_speedups()
         # fit: the data trained on; other stages keep what a checkpoint said (restored after setup) and otherwise

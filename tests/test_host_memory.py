@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from lightning_app.host_memory import _glibc
 
@@ -62,6 +63,24 @@ def test_feature_extraction_and_every_module_stage_make_the_cpu_settings(monkeyp
     calls = []
     monkeypatch.setattr(cpu_settings, "keep_freed_memory", lambda: calls.append("memory"))
     monkeypatch.setattr(cpu_settings, "flush_denormals", lambda: calls.append("denormals") or True)
-    features.FeatureExtractor(nn.Identity()).setup("predict")
+    features.FeatureExtractor(nn.Identity()).setup("predict")  # no Trainer: device not known, settings made
     assert calls == ["denormals", "memory"]
+    cpu_settings.apply_cpu_settings(torch.device("cuda"))  # a run on a GPU keeps glibc's and the CPU's defaults
+    cpu_settings.apply_cpu_settings("cpu")
+    assert calls == ["denormals", "memory"] * 2
     assert "apply_cpu_settings" in module.TransferModule.setup.__code__.co_names  # every stage, before its branches
+
+
+def test_cpu_settings_follow_the_trainers_device_in_setup():
+    """In ``setup`` the module is still on the CPU; the settings follow the Trainer's root device instead."""
+    import pytorch_lightning as pl
+    import torch.nn as nn
+
+    import lightning_app.data.features as features
+    from lightning_app.cpu_settings import trainer_device
+
+    extractor = features.FeatureExtractor(nn.Identity())
+    assert trainer_device(extractor) is None
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    extractor.trainer = trainer
+    assert trainer_device(extractor) == torch.device("cpu")

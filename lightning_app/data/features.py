@@ -41,7 +41,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
 from lightning_app.atomic import atomic_write
-from lightning_app.cpu_settings import apply_cpu_settings
+from lightning_app.cpu_settings import apply_cpu_settings, trainer_device
 from lightning_app.data.feature_loader import EVAL_CHUNK_ROWS, FeatureLoader
 from lightning_app.data.host_copy import HostCopyQueue
 from lightning_app.errors import DataMismatchError
@@ -240,7 +240,7 @@ class FeatureExtractor(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         # the CPU settings TransferModule.setup makes for every stage: this predict loop runs before any of them
-        apply_cpu_settings()
+        apply_cpu_settings(trainer_device(self))
 
     def on_predict_epoch_start(self) -> None:
         if self.engine is not None:
