@@ -428,3 +428,20 @@ def test_lean_blocker_says_why():
     assert "foreach" in lean_blocker(head, torch.optim.Adam(head.parameters(), foreach=True))
     assert "Linear" in lean_blocker(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.GELU(), torch.nn.Linear(4, 3)),
                                     torch.optim.Adam(head.parameters()))
+
+
+def test_matmul_limit_times_the_steps_products_in_their_dtype(monkeypatch):
+    """The limit times each product of the step at its shapes in the step's dtype (bf16 under bf16 autocast), and
+    its timer falls back to plain calls where a CUDA graph cannot be captured."""
+    head = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    seen = []
+    real_mm = torch.mm
+
+    def spy(a, b, *args, **kwargs):
+        seen.append((a.dtype, b.dtype))
+        return real_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(head_steps.torch, "mm", spy)
+    assert head_steps.matmul_limit(head, 8, "cpu", repeats=1, inner=2, dtype=torch.bfloat16) > 0
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert head_steps._captured(lambda: None, torch.device("cpu"), 2) is None  # no CUDA: no graph, plain calls
