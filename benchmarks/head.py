@@ -99,14 +99,12 @@ def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
     train_s = timer.epoch_train_seconds()
     # the compute limit of the same steps (lightning_app.head_steps): the step's matrix products alone, and the fused
     # Adam kernel, timed at the step's shapes on the same device, per epoch
-    import torch
-
+    # (in float32 whatever the Trainer's precision, as the head steps run; on CUDA replayed from a CUDA graph)
     from lightning_app.head_steps import adam_kernel_time, matmul_limit
 
     rows, batch_size = len(cli.datamodule.sets["train"]), cli.datamodule.batch_size
     steps = -(-rows // batch_size)
-    dtype = torch.bfloat16 if "bf16" in str(cli.trainer.precision) else torch.float32  # the step's products
-    limit_s = matmul_limit(cli.model.head, batch_size, cli.model.device, dtype=dtype) * steps
+    limit_s = matmul_limit(cli.model.head, batch_size, cli.model.device) * steps
     adam_s = adam_kernel_time(cli.model.head, cli.model.device) * steps
     steady = median(train_s[1:])
     return {"env": env_info(cli.trainer), "device": "cuda" if cli.trainer.accelerator.__class__.__name__.startswith(

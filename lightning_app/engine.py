@@ -336,7 +336,8 @@ def verify_compiled(out: Tensor, eager: Tensor, precision: str,
     bound = VERIFY_BF16_MARGIN * theirs + VERIFY_BF16_SLACK
     if math.isfinite(ours) and ours <= bound:
         return None
-    return f"{reason} and from float32 by {ours:.1e} (> {bound:.1e}: {VERIFY_BF16_MARGIN:g} x eager bf16's {theirs:.1e})"
+    return (f"{reason} and from float32 by {ours:.1e} (> {bound:.1e}: {VERIFY_BF16_MARGIN:g} x eager bf16's "
+            f"{theirs:.1e})")
 
 
 def _sync(device: torch.device) -> None:

@@ -567,8 +567,8 @@ def _captured(fn: Callable[[], Any], device: torch.device, inner: int) -> Option
 def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats: int = 7, inner: int = 50,
                  dtype: torch.dtype = torch.float32) -> float:
     """The compute limit of one head step: seconds spent in its matrix products alone, timed with ``torch.mm``
-    at the step's shapes in ``dtype`` (the step's: bfloat16 under bf16 autocast) (per ``Linear``: forward
-    ``a W^T``, weight gradient ``g^T a``, and the input gradient ``g W`` for every layer but the first), each
+    at the step's shapes in ``dtype`` (float32: the module runs its head steps without autocast) (per ``Linear``:
+    forward ``a W^T``, weight gradient ``g^T a``, and the input gradient ``g W`` for every layer but the first), each
     product in the faster of its two memory layouts (weight stored ``[out, in]`` as ``nn.Linear`` keeps it, or
     ``[in, out]``: :func:`kernel_layout`), best of ``repeats`` x ``inner`` calls (on CUDA replayed from a CUDA
     graph, as the steps are)."""

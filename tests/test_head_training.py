@@ -431,8 +431,8 @@ def test_lean_blocker_says_why():
 
 
 def test_matmul_limit_times_the_steps_products_in_their_dtype(monkeypatch):
-    """The limit times each product of the step at its shapes in the step's dtype (bf16 under bf16 autocast), and
-    its timer falls back to plain calls where a CUDA graph cannot be captured."""
+    """The limit times each product at the step's shapes in the dtype asked for (float32 by default, as the head
+    steps run), and its timer falls back to plain calls where a CUDA graph cannot be captured."""
     head = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     seen = []
     real_mm = torch.mm
