@@ -564,11 +564,10 @@ def _captured(fn: Callable[[], Any], device: torch.device, inner: int) -> Option
 
 
 @torch.no_grad()
-def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats: int = 7, inner: int = 50,
-                 dtype: torch.dtype = torch.float32) -> float:
+def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats: int = 7, inner: int = 50) -> float:
     """The compute limit of one head step: seconds spent in its matrix products alone, timed with ``torch.mm``
-    at the step's shapes in ``dtype`` (float32: the module runs its head steps without autocast) (per ``Linear``:
-    forward ``a W^T``, weight gradient ``g^T a``, and the input gradient ``g W`` for every layer but the first), each
+    at the step's shapes in float32 (the module runs its head steps without autocast) (per ``Linear``: forward
+    ``a W^T``, weight gradient ``g^T a``, and the input gradient ``g W`` for every layer but the first), each
     product in the faster of its two memory layouts (weight stored ``[out, in]`` as ``nn.Linear`` keeps it, or
     ``[in, out]``: :func:`kernel_layout`), best of ``repeats`` x ``inner`` calls (on CUDA replayed from a CUDA
     graph, as the steps are)."""
@@ -576,11 +575,11 @@ def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats:
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     total = 0.0
     for i, lin in enumerate(linears):
-        w = lin.weight.detach().to(device, dtype).contiguous()  # [out, in]
+        w = lin.weight.detach().to(device, torch.float32).contiguous()  # [out, in]
         wk = kernel_layout(w)  # the same values stored [in, out]
-        a = torch.randn(batch_size, w.shape[1], device=device, dtype=dtype)
-        g = torch.randn(batch_size, w.shape[0], device=device, dtype=dtype)
-        out_f, dw, dwk, da = torch.empty(batch_size, w.shape[0], device=device, dtype=dtype), torch.empty_like(w), \
+        a = torch.randn(batch_size, w.shape[1], device=device)
+        g = torch.randn(batch_size, w.shape[0], device=device)
+        out_f, dw, dwk, da = torch.empty(batch_size, w.shape[0], device=device), torch.empty_like(w), \
             kernel_layout(torch.empty_like(w)), torch.empty_like(a)
         products = [[lambda: torch.mm(a, w.t(), out=out_f), lambda: torch.mm(a, wk.t(), out=out_f)],
                     [lambda: _mm_into(g.t(), a, dw), lambda: _mm_into(g.t(), a, dwk)]]

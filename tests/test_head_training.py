@@ -430,10 +430,10 @@ def test_lean_blocker_says_why():
                                     torch.optim.Adam(head.parameters()))
 
 
-def test_matmul_limit_times_the_steps_products_in_their_dtype(monkeypatch):
-    """The limit times each product at the step's shapes in the dtype asked for (float32 by default, as the head
-    steps run), and its timer falls back to plain calls where a CUDA graph cannot be captured."""
-    head = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+def test_matmul_limit_times_the_steps_products_in_float32(monkeypatch):
+    """The limit times each product at the step's shapes in float32, as the head steps run (whatever the
+    parameters' dtype), and its timer falls back to plain calls where a CUDA graph cannot be captured."""
+    head = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(torch.bfloat16)
     seen = []
     real_mm = torch.mm
 
@@ -442,6 +442,6 @@ def test_matmul_limit_times_the_steps_products_in_their_dtype(monkeypatch):
         return real_mm(a, b, *args, **kwargs)
 
     monkeypatch.setattr(head_steps.torch, "mm", spy)
-    assert head_steps.matmul_limit(head, 8, "cpu", repeats=1, inner=2, dtype=torch.bfloat16) > 0
-    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert head_steps.matmul_limit(head, 8, "cpu", repeats=1, inner=2) > 0
+    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
     assert head_steps._captured(lambda: None, torch.device("cpu"), 2) is None  # no CUDA: no graph, plain calls
