@@ -46,8 +46,9 @@ class LoopTimer(pl.Callback):
     CUDA events recorded on the current stream, turned into seconds on the host clock when the loop ends
     (origin: the loop start, where the device is idle): they say when the *device* got there, so a step's
     interval is its device time and the gaps between steps are the device waiting for data, with no
-    synchronisation inside the loop. On the CPU everything is synchronous and they are host times. Loop,
-    epoch and validation boundaries synchronise. ``sync_batches=True`` also waits for the device at every
+    synchronisation inside the loop. On the CPU everything is synchronous and they are host times. ``host[stage]``
+    holds the host clock at the same two points (on a GPU the step's host time is its launch time: close to its
+    device time means the step is launch-bound). Loop, epoch and validation boundaries synchronise. ``sync_batches=True`` also waits for the device at every
     batch start and end (costs the pipeline its overlap; for checks only).
     """
 
@@ -55,6 +56,7 @@ class LoopTimer(pl.Callback):
         self.sync_batches = bool(sync_batches)
         self.marks: List[Tuple[str, float]] = []
         self.batches: Dict[str, List[Batch]] = {s: [] for s in ("train", "validation", "test", "predict")}
+        self.host: Dict[str, List[Tuple[float, float]]] = {s: [] for s in self.batches}  # host (start, end)
         self.epochs: List[Dict[str, float]] = []
         self._runs = {s: -1 for s in self.batches}
         self._start: Dict[str, Any] = {}
@@ -156,12 +158,13 @@ class LoopTimer(pl.Callback):
         return now()
 
     def _batch_start(self, stage: str, pl_module: pl.LightningModule) -> None:
-        self._start[stage] = self._stamp(pl_module)
+        self._start[stage] = (self._stamp(pl_module), now())
 
     def _batch_end(self, stage: str, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
-        end = self._stamp(pl_module)
-        self.batches[stage].append((self._runs[stage], dataloader_idx, batch_images(batch),
-                                    self._start.pop(stage, float("nan")), end))
+        end, host_end = self._stamp(pl_module), now()
+        start, host_start = self._start.pop(stage, (float("nan"), float("nan")))
+        self.batches[stage].append((self._runs[stage], dataloader_idx, batch_images(batch), start, end))
+        self.host[stage].append((host_start, host_end))
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start("predict", pl_module)
@@ -219,11 +222,16 @@ class LoopTimer(pl.Callback):
         ``img_s``: images / wall time of the window (data waits included); ``step_s``: time inside the steps
         (batch start -> end; device time on a GPU); ``other_s``: the rest of the window (waiting for data,
         device-side batch preparation in ``on_after_batch_transfer``, other callbacks such as the feature writer).
+        ``host_step_s`` / ``host_other_s``: the same split on the host clock (on a GPU, where the host runs ahead
+        of the device, the host's own work: launching the steps, and everything between them).
         """
         self._resolve(stage)
-        rows = [b for b in self.batches[stage] if b[0] == run and (dataloader_idx is None or b[1] == dataloader_idx)]
+        keep = [i for i, b in enumerate(self.batches[stage])
+                if b[0] == run and (dataloader_idx is None or b[1] == dataloader_idx)]
+        rows = [self.batches[stage][i] for i in keep]
+        host = [self.host[stage][i] for i in keep] if len(self.host[stage]) == len(self.batches[stage]) else []
         if full_only and len(rows) > 1 and rows[-1][2] < max(r[2] for r in rows):
-            rows = rows[:-1]
+            rows, host = rows[:-1], host[:-1]
         sizes, starts, ends = [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
         first = min(skip, max(len(rows) - 1, 0))
         if first == 0 or len(rows) <= first:
@@ -231,8 +239,13 @@ class LoopTimer(pl.Callback):
                     "other_s": float("nan"), "window_s": float("nan")}
         wall = ends[-1] - ends[first - 1]
         step = sum(e - s for s, e in zip(starts[first:], ends[first:]))
-        return {"img_s": window_rate(ends, sizes, first), "images": sum(sizes[first:]), "batches": len(rows) - first,
-                "step_s": step, "other_s": wall - step, "window_s": wall}
+        out = {"img_s": window_rate(ends, sizes, first), "images": sum(sizes[first:]), "batches": len(rows) - first,
+               "step_s": step, "other_s": wall - step, "window_s": wall}
+        if host:
+            host_wall = host[-1][1] - host[first - 1][1]
+            out["host_step_s"] = sum(e - s for s, e in host[first:])
+            out["host_other_s"] = host_wall - out["host_step_s"]
+        return out
 
 
 def _on_cuda(pl_module: pl.LightningModule) -> bool:

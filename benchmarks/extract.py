@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -83,6 +83,10 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
            "model_img_s": steady["images"] / steady["step_s"] if steady["step_s"] else float("nan"),
            "model_pct": 100 * steady["step_s"] / steady["window_s"], "steady_images": steady["images"],
            "first_batch_s": first_end - first_start, "precision": str(cli.trainer.precision)}
+    if steady.get("batches") and "host_step_s" in steady:  # the host's side of the same window, per batch
+        out["host_step_ms"] = 1e3 * steady["host_step_s"] / steady["batches"]
+        out["host_other_ms"] = 1e3 * steady["host_other_s"] / steady["batches"]
+        out["device_step_ms"] = 1e3 * steady["step_s"] / steady["batches"]
     out["device"] = "cuda" if out["env"].get("accelerator") == "cuda" else "cpu"
     # the image DataModule the features came from, and the train split's first rows (sanity guard)
     fdm = cli.datamodule
@@ -97,7 +101,9 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         else "workers"
     out["num_workers"] = source.loader_workers(source.dataset("train")) if source is not None else None
     if spec["loader_batches"] and source is not None:
-        out["loader_img_s"] = _input_pipeline_rate(source, cli.trainer.strategy.root_device, spec["loader_batches"])
+        device = cli.trainer.strategy.root_device
+        out["loader_img_s"] = _input_pipeline_rate(source, device, spec["loader_batches"])
+        out.update(_input_pipeline_stages(source, device, spec["loader_batches"]))
     out.update(_compute_limit(spec["model"], int(spec["size"]), cli.trainer.strategy.root_device, out))
     return out
 
@@ -134,6 +140,50 @@ def _input_pipeline_rate(source: Any, device: Any, batches: int) -> float:
             break
     sync()
     return n / (now() - t) if n else float("nan")
+
+
+def _input_pipeline_stages(source: Any, device: Any, batches: int) -> Dict[str, float]:
+    """Where the input pipeline's time goes, milliseconds per batch (mean over up to ``batches`` batches after the
+    first), each stage waited for before the next starts: ``fetch_ms`` the loader as built without pinned memory
+    (a second pass), ``pin_ms`` what pinning adds (the loader as built, minus ``fetch_ms``), ``transfer_ms`` the
+    copy to ``device``, ``prepare_ms`` the DataModule's device-side preparation (resize, uint8 -> float)."""
+    import torch
+    from _timing import now
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    source.predict_split = "train"
+    times: Dict[str, List[float]] = {"fetch": [], "loaded": [], "transfer": [], "prepare": []}
+    pin = source.pin_memory
+    try:
+        source.pin_memory = False
+        it = iter(source.predict_dataloader())
+        for i in range(batches + 1):
+            t = now()
+            if next(it, None) is None:
+                break
+            if i:
+                times["fetch"].append(now() - t)
+    finally:
+        source.pin_memory = pin
+    it = iter(source.predict_dataloader())
+    for i in range(batches + 1):
+        t0 = now()
+        batch = next(it, None)
+        if batch is None:
+            break
+        t1 = now()
+        batch = [b.to(device, non_blocking=True) for b in batch]
+        sync()
+        t2 = now()
+        source.prepare_batch(batch)
+        sync()
+        t3 = now()
+        if i:
+            for key, dt in (("loaded", t1 - t0), ("transfer", t2 - t1), ("prepare", t3 - t2)):
+                times[key].append(dt)
+    ms = {k: 1e3 * sum(v) / len(v) if v else float("nan") for k, v in times.items()}
+    return {"fetch_ms": ms["fetch"], "pin_ms": ms["loaded"] - ms["fetch"], "transfer_ms": ms["transfer"],
+            "prepare_ms": ms["prepare"]}
 
 
 def _run_ours(res: Any, args: Any, common: Dict[str, Any], work: Path, h5_arg: str, keras_features: Dict[str, Path],
@@ -231,6 +281,10 @@ def main() -> None:
                    ("Keras-TF wall s", "keras-tensorflow", "wall_s", ".1f"),
                    ("ours model-only img/s", OURS, "model_img_s", ".1f"), ("ours model %", OURS, "model_pct", ".0f"),
                    ("input pipeline alone img/s", OURS, "loader_img_s", ".1f"),
+                   ("fetch ms/batch", OURS, "fetch_ms", ".2f"), ("pin ms/batch", OURS, "pin_ms", ".2f"),
+                   ("transfer ms/batch", OURS, "transfer_ms", ".2f"), ("prepare ms/batch", OURS, "prepare_ms", ".2f"),
+                   ("device step ms", OURS, "device_step_ms", ".2f"), ("host step ms", OURS, "host_step_ms", ".2f"),
+                   ("host between steps ms", OURS, "host_other_ms", ".2f"),
                    ("resize on", OURS, "resize_on", ""), ("workers", OURS, "num_workers", ".0f"),
                    ("rel diff", OURS, f"rel_diff_{ref}", ".1e"),
                    ("GFLOP/img", OURS, "model_gflop", ".2f"), ("GEMM GFLOP/s", OURS, "gemm_gflop_s", ".0f"),

@@ -10,7 +10,8 @@ trains from the first step, as in the Keras run; the other callbacks stay), ``ma
 ``test_after_fit false``. Images/s of the second epoch (the first is warm-up: compilation, worker start),
 from a callback that synchronises at epoch boundaries only; ``between steps %``: the share of that epoch spent
 between steps (waiting for the DataLoader's JPEG decoding, moving the batch, device-side batch preparation;
-on a GPU the device's idle time there, from CUDA events).
+on a GPU the device's idle time there, from CUDA events); ``device ms/step`` against ``host ms/step`` (the host's
+time inside a step: on a GPU launching its kernels) says whether the steps are launch-bound.
 Keras: the same backbone (``keras.applications``, ``include_top=False, pooling="avg"``) + the config's dense
 head, ``preprocess_input`` in the model, Adam, ``fit`` for two epochs on the decoded uint8 images held in
 memory (Keras decodes nothing during the timed epoch); images/s of the second epoch.
@@ -68,11 +69,14 @@ def ours_finetune(spec: Dict[str, Any]) -> Dict[str, Any]:
     images = sum(b[2] for b in last)
     # time between steps inside the last epoch (DataLoader wait, transfer, on_after_batch_transfer)
     wait = sum(b[3] - a[4] for a, b in zip(last, last[1:]))  # device timeline on a GPU (CUDA events)
+    host = timer.host["train"][-per_epoch:]  # the same steps on the host clock: on a GPU, launching them
     return {"env": env_info(cli.trainer), "device": "cuda" if env_info(cli.trainer).get("accelerator") == "cuda"
             else "cpu", "precision": str(cli.trainer.precision), "images": images, "batch": last[0][2],
             "compile_backbone": module.training_speedups(module.device)["compile_backbone"],
             "epoch_s": epochs, "first_epoch_s": epochs[0], "img_s": images / epochs[-1],
-            "between_steps_pct": 100 * wait / epochs[-1]}
+            "between_steps_pct": 100 * wait / epochs[-1],
+            "device_step_ms": 1e3 * sum(b[4] - b[3] for b in last) / len(last),
+            "host_step_ms": 1e3 * sum(e - s for s, e in host) / len(host)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -139,6 +143,8 @@ def main() -> None:
                         extra=[("ours precision", OURS, "precision", "s"),
                                ("Keras policy", "keras-jax", "policy", "s"),
                                ("ours between steps %", OURS, "between_steps_pct", ".0f"),
+                               ("ours device ms/step", OURS, "device_step_ms", ".1f"),
+                               ("ours host ms/step", OURS, "host_step_ms", ".1f"),
                                ("ours first epoch s", OURS, "first_epoch_s", ".1f"),
                                ("Keras-JAX first epoch s", "keras-jax", "first_epoch_s", ".1f")])
         if tmp is not None:

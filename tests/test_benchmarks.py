@@ -3,6 +3,7 @@ the "ours" side of extraction and head training run through the real CLI on tiny
 CLI, the feature cache or the Trainer hooks that breaks a benchmark fails here, not on the GPU machine)."""
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -112,6 +113,10 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     assert r["num_workers"] == (0 if resize_on == "device" else min(2, len(os.sched_getaffinity(0))))
     assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
     assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
+    # where the input pipeline's time goes (per batch), and the host's side of the steady window
+    assert r["fetch_ms"] > 0 and r["transfer_ms"] >= 0 and r["prepare_ms"] > 0 and math.isfinite(r["pin_ms"])
+    assert r["host_step_ms"] > 0 and r["device_step_ms"] > 0 and math.isfinite(r["host_other_ms"])
+    assert r["host_step_ms"] == pytest.approx(r["device_step_ms"], rel=0.2)  # the CPU: one clock, synchronous
     assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])
     assert r["model_gflop"] > 0 and r["gemm_gflop_s"] > 0
     assert r["limit_img_s"] == pytest.approx(r["gemm_gflop_s"] / r["model_gflop"])
@@ -159,6 +164,7 @@ def test_finetune_benchmark_trains_every_layer_through_the_cli(tmp_path):
                                 "h5": "null", "data": str(tmp_path / "img"), "size": 32, "batch": 4, "epochs": 2,
                                 "run_dir": str(tmp_path / "runs")})
     assert r["images"] == 16 and r["batch"] == 4 and len(r["epoch_s"]) == 2 and r["img_s"] > 0
+    assert r["device_step_ms"] > 0 and r["host_step_ms"] == pytest.approx(r["device_step_ms"], rel=0.2)  # CPU: one clock
 
 
 def test_finetune_benchmark_passes_compile_backbone_to_the_cli():
