@@ -11,6 +11,9 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
   (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
 * **Convolution + activation fused** on the CPU in float32 (one oneDNN call, :mod:`lightning_app.conv_fusion`), where
   the activation alone reads the convolution's output; checked against the unfused copy like the fold.
+* **DenseNet blocks restructured** on the CPU in float32 (:mod:`lightning_app.dense_blocks`): one feature buffer
+  per block instead of a concatenation before every layer, transitions pooling before their 1x1 convolution; also
+  checked against the copy before.
 * **channels_last** memory format, **bf16 autocast** on CUDA by default (``precision="fp32"``: no autocast and no
   TF32 convolutions, for parity work), and **torch.compile** without weight freezing: the weights stay inputs of
   the compiled graph, so a refresh after fine-tuning updates them in place with no recompilation (and inductor's
@@ -46,7 +49,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_app import conv_fusion
+from lightning_app import conv_fusion, dense_blocks
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -87,6 +90,8 @@ class InferenceOptions:
         fold_bn: fold inference-mode BatchNorm into the preceding convolution.
         fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
             output as one oneDNN call (:mod:`lightning_app.conv_fusion`).
+        restructure: on the CPU in float32, run DenseNet blocks into one buffer instead of concatenating before
+            every layer, and pool before a transition's 1x1 convolution (:mod:`lightning_app.dense_blocks`).
         channels_last: run in NHWC memory format.
         verify: check the compiled engine against eager on the first batch (fall back to eager if they disagree).
     """
@@ -98,6 +103,7 @@ class InferenceOptions:
     backend: str = "inductor"
     fold_bn: bool = True
     fuse_activations: bool = True
+    restructure: bool = True
     channels_last: bool = True
     verify: bool = True
 
@@ -445,6 +451,7 @@ class InferenceEngine(nn.Module):
         fused = self._fuse_activations(folded, x, dtype)
         if fused < 0:  # fusion changed the output: the plain folded copy
             folded = FoldedCopy(source, pairs if folded.num_folded else [], self.options.channels_last)
+        restructured = self._restructure(folded, x, dtype)
         self.__dict__["_copy"] = folded
         self._sources, self._ids = tensors, [id(t) for t in tensors]
         self._device, self._dtype = tensors[0].device, tensors[0].dtype
@@ -455,6 +462,8 @@ class InferenceEngine(nn.Module):
         self.status = f"eager, BatchNorm folded {folded.num_folded}/{n_bn}"
         if fused > 0:
             self.status += f", {fused} convolution + activation pairs fused"
+        if restructured:
+            self.status += f", {restructured} dense blocks / transitions restructured"
         self.stats["build_seconds"] = time.perf_counter() - start
 
     def _fuse_activations(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
@@ -476,6 +485,28 @@ class InferenceEngine(nn.Module):
                            f"output by {err:.1e} (> {FOLD_TOLERANCE:g}); running them unfused")
             return -1
         return fused
+
+    def _restructure(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
+        """Restructure ``folded``'s DenseNet blocks in place (:mod:`lightning_app.dense_blocks`) where the engine
+        runs eagerly in float32 on the CPU, checked against the copy before; the number restructured (0 when
+        none, or when the output changed beyond ``FOLD_TOLERANCE``: then put back as it was, logged)."""
+        if (not self.options.restructure or x.device.type != "cpu"
+                or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32):
+            return 0
+        example = self._prepare(x[:1].detach().to(torch.float32))
+        with torch.inference_mode(False), torch.no_grad():
+            reference = folded.net(example.clone())
+            replaced = dense_blocks.restructure_dense_blocks(folded.net)
+            if not replaced:
+                return 0
+            err = relative_error(folded.net(example.clone()), reference)
+            if err <= FOLD_TOLERANCE:
+                return len(replaced)
+            for name, module in replaced:
+                folded.net.set_submodule(name, module)
+        rank_zero_info(f"inference engine: restructuring {self.name}'s dense blocks changed its output by {err:.1e} "
+                       f"(> {FOLD_TOLERANCE:g}); running them as they are")
+        return 0
 
     def refresh(self, full: bool = False) -> bool:
         """Refresh the copy if the source changed since the last refresh (in-place changes: version counters;
