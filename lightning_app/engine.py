@@ -11,9 +11,10 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
   (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
 * **Convolution + activation fused** on the CPU in float32 (one oneDNN call, :mod:`lightning_app.conv_fusion`), where
   the activation alone reads the convolution's output; checked against the unfused copy like the fold.
-* **DenseNet blocks restructured** on the CPU in float32 (:mod:`lightning_app.dense_blocks`): one feature buffer
-  per block instead of a concatenation before every layer, transitions pooling before their 1x1 convolution; also
-  checked against the copy before.
+* **Restructured** on the CPU in float32: DenseNet blocks run into one feature buffer instead of a concatenation
+  before every layer, transitions pool before their 1x1 convolution (:mod:`lightning_app.dense_blocks`); a
+  stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs once
+  (:mod:`lightning_app.dedup`); checked against the copy before.
 * **channels_last** memory format, **bf16 autocast** on CUDA by default (``precision="fp32"``: no autocast and no
   TF32 convolutions, for parity work), and **torch.compile** without weight freezing: the weights stay inputs of
   the compiled graph, so a refresh after fine-tuning updates them in place with no recompilation (and inductor's
@@ -49,7 +50,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_app import conv_fusion, dense_blocks
+from lightning_app import conv_fusion, dedup, dense_blocks
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -91,7 +92,8 @@ class InferenceOptions:
         fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
             output as one oneDNN call (:mod:`lightning_app.conv_fusion`).
         restructure: on the CPU in float32, run DenseNet blocks into one buffer instead of concatenating before
-            every layer, and pool before a transition's 1x1 convolution (:mod:`lightning_app.dense_blocks`).
+            every layer, pool before a transition's 1x1 convolution (:mod:`lightning_app.dense_blocks`), and compute
+            a repeated stateless operation on one tensor once (NASNet's ReLUs and pools, :mod:`lightning_app.dedup`).
         channels_last: run in NHWC memory format.
         verify: check the compiled engine against eager on the first batch (fall back to eager if they disagree).
     """
@@ -463,7 +465,7 @@ class InferenceEngine(nn.Module):
         if fused > 0:
             self.status += f", {fused} convolution + activation pairs fused"
         if restructured:
-            self.status += f", {restructured} dense blocks / transitions restructured"
+            self.status += f", {restructured} modules restructured"
         self.stats["build_seconds"] = time.perf_counter() - start
 
     def _fuse_activations(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
@@ -487,9 +489,10 @@ class InferenceEngine(nn.Module):
         return fused
 
     def _restructure(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
-        """Restructure ``folded``'s DenseNet blocks in place (:mod:`lightning_app.dense_blocks`) where the engine
-        runs eagerly in float32 on the CPU, checked against the copy before; the number restructured (0 when
-        none, or when the output changed beyond ``FOLD_TOLERANCE``: then put back as it was, logged)."""
+        """Restructure ``folded`` in place where the engine runs eagerly in float32 on the CPU: DenseNet blocks
+        (:mod:`lightning_app.dense_blocks`), repeated stateless operations on one tensor (:mod:`lightning_app.
+        dedup`); checked against the copy before. The number of modules replaced (0 when none, or when the output
+        changed beyond ``FOLD_TOLERANCE``: then put back as it was, logged)."""
         if (not self.options.restructure or x.device.type != "cpu"
                 or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32):
             return 0
@@ -497,15 +500,16 @@ class InferenceEngine(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             reference = folded.net(example.clone())
             replaced = dense_blocks.restructure_dense_blocks(folded.net)
+            replaced += dedup.deduplicate(folded.net, example.clone())
             if not replaced:
                 return 0
             err = relative_error(folded.net(example.clone()), reference)
             if err <= FOLD_TOLERANCE:
                 return len(replaced)
-            for name, module in replaced:
+            for name, module in reversed(replaced):
                 folded.net.set_submodule(name, module)
-        rank_zero_info(f"inference engine: restructuring {self.name}'s dense blocks changed its output by {err:.1e} "
-                       f"(> {FOLD_TOLERANCE:g}); running them as they are")
+        rank_zero_info(f"inference engine: restructuring {self.name} (dense blocks, repeated operations) changed its "
+                       f"output by {err:.1e} (> {FOLD_TOLERANCE:g}); running it as it is")
         return 0
 
     def refresh(self, full: bool = False) -> bool:
