@@ -155,15 +155,17 @@ def pool_before_pointwise_conv(seq: nn.Module) -> Optional[nn.Sequential]:
 
 
 @torch.no_grad()
-def restructure_dense_blocks(net: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """In ``net`` (in place, for inference): every supported dense block becomes a :class:`BufferedDenseBlock`
-    and every transition pools before its 1x1 convolution. Returns the ``(name, original module)`` pairs replaced
-    (``net.set_submodule`` puts them back)."""
+def restructure_dense_blocks(net: nn.Module, buffers: bool = True) -> List[Tuple[str, nn.Module]]:
+    """In ``net`` (in place, for inference): every transition pools before its 1x1 convolution and, with
+    ``buffers``, every supported dense block becomes a :class:`BufferedDenseBlock`. Returns the ``(name, original
+    module)`` pairs replaced (``net.set_submodule`` puts them back)."""
     replaced: List[Tuple[str, nn.Module]] = []
     for name, module in list(net.named_modules()):
         if not name or any(name.startswith(done + ".") for done, _ in replaced):
             continue
-        new: Optional[nn.Module] = BufferedDenseBlock(module) if BufferedDenseBlock.supports(module) else None
+        new: Optional[nn.Module] = None
+        if buffers and BufferedDenseBlock.supports(module):
+            new = BufferedDenseBlock(module)
         new = new if new is not None else pool_before_pointwise_conv(module)
         if new is not None:
             net.set_submodule(name, new)

@@ -11,10 +11,10 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
   (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
 * **Convolution + activation fused** on the CPU in float32 (one oneDNN call, :mod:`lightning_app.conv_fusion`), where
   the activation alone reads the convolution's output; checked against the unfused copy like the fold.
-* **Restructured** on the CPU in float32: DenseNet blocks run into one feature buffer instead of a concatenation
-  before every layer, transitions pool before their 1x1 convolution (:mod:`lightning_app.dense_blocks`); a
-  stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs once
-  (:mod:`lightning_app.dedup`); checked against the copy before.
+* **Restructured**: DenseNet transitions pool before their 1x1 convolution; on the CPU in float32 also DenseNet
+  blocks run into one feature buffer instead of a concatenation before every layer (:mod:`lightning_app.
+  dense_blocks`) and a stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs
+  once (:mod:`lightning_app.dedup`); checked against the copy before.
 * **channels_last** memory format, **bf16 autocast** on CUDA by default (``precision="fp32"``: no autocast and no
   TF32 convolutions, for parity work), and **torch.compile** without weight freezing: the weights stay inputs of
   the compiled graph, so a refresh after fine-tuning updates them in place with no recompilation (and inductor's
@@ -91,9 +91,10 @@ class InferenceOptions:
         fold_bn: fold inference-mode BatchNorm into the preceding convolution.
         fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
             output as one oneDNN call (:mod:`lightning_app.conv_fusion`).
-        restructure: on the CPU in float32, run DenseNet blocks into one buffer instead of concatenating before
-            every layer, pool before a transition's 1x1 convolution (:mod:`lightning_app.dense_blocks`), and compute
-            a repeated stateless operation on one tensor once (NASNet's ReLUs and pools, :mod:`lightning_app.dedup`).
+        restructure: pool before a DenseNet transition's 1x1 convolution; on the CPU in float32 also run DenseNet
+            blocks into one buffer instead of concatenating before every layer (:mod:`lightning_app.dense_blocks`),
+            and compute a repeated stateless operation on one tensor once (NASNet's ReLUs and pools,
+            :mod:`lightning_app.dedup`).
         channels_last: run in NHWC memory format.
         verify: check the compiled engine against eager on the first batch (fall back to eager if they disagree).
     """
@@ -489,18 +490,22 @@ class InferenceEngine(nn.Module):
         return fused
 
     def _restructure(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
-        """Restructure ``folded`` in place where the engine runs eagerly in float32 on the CPU: DenseNet blocks
-        (:mod:`lightning_app.dense_blocks`), repeated stateless operations on one tensor (:mod:`lightning_app.
-        dedup`); checked against the copy before. The number of modules replaced (0 when none, or when the output
-        changed beyond ``FOLD_TOLERANCE``: then put back as it was, logged)."""
-        if (not self.options.restructure or x.device.type != "cpu"
-                or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32):
+        """Restructure ``folded`` in place: on every device, DenseNet transitions pool before their 1x1 convolution
+        (fewer multiply-adds, compiled or not); where the engine runs eagerly in float32 on the CPU, also DenseNet
+        blocks into one buffer (:mod:`lightning_app.dense_blocks`) and repeated stateless operations on one tensor
+        once (:mod:`lightning_app.dedup`; compiled graphs do both themselves). Checked against the copy before in
+        float32, like the fold. The number of modules replaced (0 when none, or when the output changed beyond
+        ``FOLD_TOLERANCE``: then put back as it was, logged)."""
+        if not self.options.restructure:
             return 0
-        example = self._prepare(x[:1].detach().to(torch.float32))
-        with torch.inference_mode(False), torch.no_grad():
+        eager_cpu = (x.device.type == "cpu" and self.options.effective_precision(x.device) == "fp32"
+                     and dtype == torch.float32)
+        example = self._prepare(x[:1].detach().to(dtype or torch.float32))
+        with torch.inference_mode(False), torch.no_grad(), precision_context("fp32", x.device.type):
             reference = folded.net(example.clone())
-            replaced = dense_blocks.restructure_dense_blocks(folded.net)
-            replaced += dedup.deduplicate(folded.net, example.clone())
+            replaced = dense_blocks.restructure_dense_blocks(folded.net, buffers=eager_cpu)
+            if eager_cpu:
+                replaced += dedup.deduplicate(folded.net, example.clone())
             if not replaced:
                 return 0
             err = relative_error(folded.net(example.clone()), reference)
