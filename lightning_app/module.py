@@ -49,6 +49,7 @@ from lightning_app.checkpoint import (
 from lightning_app.checkpoint import metadata as checkpoint_metadata
 from lightning_app.cpu_settings import apply_cpu_settings, trainer_device
 from lightning_app.data.feature_loader import FeatureChunk
+from lightning_app.data.host_copy import HostCopyQueue
 from lightning_app.dropout import Dropout
 from lightning_app.engine import InferenceEngine, InferenceOptions, as_inference_options, options_dict
 from lightning_app.errors import ConfigError
@@ -155,6 +156,17 @@ def resolve_weights(backbone: str, weights: Optional[str]) -> Optional[str]:
         f"(or see `python -m converters --help`)."
     )
     return None
+
+
+def _last_batch(batches: Any, batch_idx: int, dataloader_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last batch of dataloader ``dataloader_idx`` of an evaluation loop (``batches``:
+    the Trainer's batch counts per dataloader). Lightning computes a loader's logged metrics right after its last
+    batch, before any epoch-end hook; where the count is unknown (an iterable without a length) every batch is."""
+    try:
+        total = batches[dataloader_idx]
+    except (IndexError, KeyError, TypeError):
+        return True
+    return not math.isfinite(total) or batch_idx + 1 >= total
 
 
 def _native_size(backbone: nn.Module) -> Optional[int]:
@@ -275,7 +287,13 @@ class TransferModule(pl.LightningModule):
         # extract stage: the module runs the optimizer steps of each feature chunk itself (lightning_app.head_steps)
         self.automatic_optimization = not (stage == "extract" and steps_per_execution != 1)
         self._head_steps: Optional[EagerHeadSteps] = None
+        # logits, labels and losses of each loop stay on the device until the epoch's end (or a full buffer): the
+        # metrics' updates synchronise with the host, which would stall the GPU at every step
         self._epoch_stats = EpochStats()
+        self._val_stats = EpochStats()
+        self._test_stats = EpochStats()
+        self._test_stats_dl = 0  # the test dataloader whose batches _test_stats holds (loaders run one by one)
+        self._progress_copies = HostCopyQueue(max_pending=8)  # the progress bar's loss, copied without a wait
 
         mean, std = preprocessing(backbone)
         self.normalize = Normalize(mean, std)
@@ -400,8 +418,7 @@ class TransferModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self._loss(logits, y)
-        self.train_metrics.update(logits.detach(), y)
-        self.train_loss.update(loss.detach(), len(y))
+        self._epoch_stats.add(logits.detach(), y, loss.detach() * len(y), self._flush_train_stats)
         self._log_train(loss, batch_idx, len(y))
         return loss
 
@@ -462,7 +479,15 @@ class TransferModule(pl.LightningModule):
             self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, batch_size=batch_size)
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         if batch_idx % self.progress_every == 0:
-            self.log("loss", loss.detach().clone(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
+            self._progress_copies.push([loss.detach().float()])
+        # the progress bar shows the newest step loss whose copy to the host has completed (on a GPU a few steps
+        # old): Lightning turns a logged tensor into a number at every step, which for a device tensor would wait
+        # for the device each time
+        shown = None
+        for (value,) in self._progress_copies.ready():
+            shown = value
+        if shown is not None:
+            self.log("loss", torch.from_numpy(shown), on_step=True, on_epoch=False, prog_bar=True, logger=False,
                      batch_size=batch_size)
 
     def _eval_logits(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor, Any]:
@@ -473,10 +498,17 @@ class TransferModule(pl.LightningModule):
                 return self(batch[0]).float(), batch[1], batch
         return self(batch[0]), batch[1], batch
 
+    def _flush_val_stats(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor, count: int) -> None:
+        self.val_metrics.update(logits, labels)
+        self.val_loss.update(loss_sum / count, count)
+
+    def _flush_test_stats(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor, count: int) -> None:
+        self.test_metrics[self._test_stats_dl].update(logits, labels)
+        self.test_loss[self._test_stats_dl].update(loss_sum / count, count)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         logits, y, batch = self._eval_logits(batch)
-        self.val_metrics.update(logits, y)
-        self.val_loss.update(self._loss(logits, y), len(y))
+        self._val_stats.add(logits.detach(), y, self._loss(logits, y).detach() * len(y), self._flush_val_stats)
         if not self._logged["val"]:
             self._logged["val"] = True
             self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -490,8 +522,10 @@ class TransferModule(pl.LightningModule):
             # [robustness edit] Lightning caches metric attribute names at the first `self.log` of a run; drop the
             # cache so the metrics just added are found (else MisconfigurationException from test dataloader 1 on).
             self._metric_attributes = None
-        self.test_metrics[dataloader_idx].update(logits, y)
-        self.test_loss[dataloader_idx].update(self._loss(logits, y), len(y))
+        if dataloader_idx != self._test_stats_dl:  # the previous loader is done: its metrics get its batches
+            self._test_stats.drain(self._flush_test_stats)
+            self._test_stats_dl = dataloader_idx
+        self._test_stats.add(logits.detach(), y, self._loss(logits, y).detach() * len(y), self._flush_test_stats)
         if dataloader_idx not in self._logged["test"]:
             self._logged["test"].add(dataloader_idx)
             self.log("test_loss", self.test_loss[dataloader_idx], on_epoch=True)
@@ -541,9 +575,26 @@ class TransferModule(pl.LightningModule):
         self._logged["val"] = False
         self._plan_engine(self.trainer.num_val_batches)
 
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        trainer = self.trainer
+        batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        if _last_batch(batches, batch_idx, dataloader_idx):
+            self._val_stats.drain(self._flush_val_stats)
+
+    def on_validation_epoch_end(self) -> None:
+        self._val_stats.drain(self._flush_val_stats)  # a loop that stopped before its counted last batch
+
     def on_test_epoch_start(self) -> None:
         self._logged["test"] = set()
+        self._test_stats_dl = 0
         self._plan_engine(self.trainer.num_test_batches)
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if _last_batch(self.trainer.num_test_batches, batch_idx, dataloader_idx):
+            self._test_stats.drain(self._flush_test_stats)
+
+    def on_test_epoch_end(self) -> None:
+        self._test_stats.drain(self._flush_test_stats)
 
     def on_predict_epoch_start(self) -> None:
         self._plan_engine(self.trainer.num_predict_batches)

@@ -309,15 +309,17 @@ class TrainingReport(Callback):
             return
         if dataloader_idx != 0 and not self.per_dataloader:
             return
+        # kept where they are (on a GPU: device memory, a few bytes per image) until the epoch's end: a copy to the
+        # host here would wait for the device at every batch
         store = self._test.setdefault(dataloader_idx, {"preds": [], "target": [], "index": [], "images": []})
-        store["preds"].append(outputs["preds"].detach().cpu())
-        store["target"].append(outputs["target"].detach().cpu())
+        store["preds"].append(outputs["preds"].detach())
+        store["target"].append(outputs["target"].detach())
         if "index" in outputs:
-            store["index"].append(outputs["index"].detach().cpu())
+            store["index"].append(outputs["index"].detach())
         x = batch[0]
         have = sum(len(i) for i in store["images"])
         if self.grid_size and x.ndim == 4 and have < self.grid_size:
-            store["images"].append(x[: self.grid_size - have].detach().float().cpu())
+            store["images"].append(x[: self.grid_size - have].detach().float().clone())
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         num_classes = int(getattr(pl_module, "num_classes", 0) or 0)
@@ -326,8 +328,8 @@ class TrainingReport(Callback):
         out = report_dir(trainer, self.dirname)  # collective: every rank
         for dl in sorted(self._test):
             s = self._test[dl]
-            preds, target = torch.cat(s["preds"]), torch.cat(s["target"])
-            index = torch.cat(s["index"]) if s["index"] else None
+            preds, target = torch.cat(s["preds"]).cpu(), torch.cat(s["target"]).cpu()
+            index = torch.cat(s["index"]).cpu() if s["index"] else None
             if trainer.world_size > 1:
                 preds, target, index = self._gather(trainer, preds, target, index)
             if not trainer.is_global_zero:
@@ -342,10 +344,10 @@ class TrainingReport(Callback):
             self.written += list(write_confusion_matrix(cm, names, out / f"confusion_matrix{suffix}.csv",
                                                         out / f"confusion_matrix{suffix}.png"))
             if s["images"]:
-                imgs = torch.cat(s["images"])
+                imgs = torch.cat(s["images"]).cpu()
                 n = len(imgs)
-                local_p = torch.cat(s["preds"])[:n]
-                local_t = torch.cat(s["target"])[:n]
+                local_p = torch.cat(s["preds"])[:n].cpu()
+                local_t = torch.cat(s["target"])[:n].cpu()
                 self.written.append(plot_prediction_grid(imgs, local_p.tolist(), local_t.tolist(), names,
                                                          out / f"test_predictions{suffix}.png"))
 

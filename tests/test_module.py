@@ -196,3 +196,90 @@ def test_steps_per_execution_matches_one_step_per_batch(tmp_path):
     assert states[0][1] == pytest.approx(states[1][1], rel=1e-5)
     with pytest.raises(ValueError, match="steps_per_execution"):
         TransferModule("test_resnet", 3, weights=None, stage="head", steps_per_execution=2)
+
+
+class _Inverted(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y, index = self.dataset[i]
+        return 255 - x, y, index
+
+
+class _TwoTestLoaders(ArrayDataModule):
+    """The test split twice: as it is, and with inverted images (other predictions, so other metric values)."""
+
+    def test_dataloader(self):
+        plain = super().test_dataloader()
+        return [plain, torch.utils.data.DataLoader(_Inverted(plain.dataset), batch_size=plain.batch_size)]
+
+
+def test_metrics_are_fed_in_blocks_and_match_the_predictions_per_test_loader(tmp_path, monkeypatch):
+    """torchmetrics' updates synchronise with the host (on a GPU: a stall at every step), so the steps keep logits,
+    labels and losses on the device and the metrics get them in one block per loop (per test dataloader); the
+    logged values still equal those recomputed from each loader's own predictions."""
+    from torchmetrics import MeanMetric, MetricCollection
+
+    updates = {"collection": 0, "mean": 0}
+    for cls, key in ((MetricCollection, "collection"), (MeanMetric, "mean")):
+        real = cls.update
+
+        def counting(self, *args, real=real, key=key, **kwargs):
+            updates[key] += 1
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "update", counting)
+    rng = np.random.default_rng(0)
+    n, classes = 60, 4
+    dm = _TwoTestLoaders((rng.random((n, 8, 8, 3)) * 255).astype(np.uint8), np.arange(n) % classes,
+                         [str(i) for i in range(classes)], image_size=32, batch_size=4, val_split=0.2,
+                         test_split=0.2, num_workers=0)
+    m = TransferModule("test_resnet", classes, weights=None, stage="finetune")
+    t = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    t.fit(m, dm)
+    assert t.num_training_batches == 9 and t.num_val_batches == [3]
+    assert updates == {"collection": 2, "mean": 2}  # train and val: one block each, not one update per step
+    res = t.test(m, dm, verbose=False)
+    assert updates == {"collection": 4, "mean": 4}  # one block per test dataloader
+    m.eval()
+    with torch.no_grad():
+        for dl, loader in enumerate(dm.test_dataloader()):
+            batches = [dm.on_after_batch_transfer(b, dl) for b in loader]
+            logits = torch.cat([m(b[0]) for b in batches])
+            y = torch.cat([b[1] for b in batches])
+            acc = (logits.argmax(1) == y).float().mean().item()
+            loss = torch.nn.functional.cross_entropy(logits, y).item()
+            assert res[dl][f"test_acc/dataloader_idx_{dl}"] == pytest.approx(acc, abs=1e-6)
+            assert res[dl][f"test_loss/dataloader_idx_{dl}"] == pytest.approx(loss, rel=1e-5)
+    assert res[0]["test_loss/dataloader_idx_0"] != pytest.approx(res[1]["test_loss/dataloader_idx_1"], rel=1e-3)
+
+
+def test_progress_bar_loss_comes_from_the_host_copy():
+    """The step loss reaches the progress bar through the host-copy queue: on a GPU the value shown is the newest
+    whose copy has completed (a few steps old), so Lightning's per-step conversion of progress-bar values to numbers
+    never waits for the device. Here a stand-in queue plays a GPU whose copy of an earlier loss (0.5) is done."""
+    m = TransferModule("test_resnet", 3, weights=None, stage="finetune")
+    logged, pushed = [], []
+
+    class Queue:
+        def push(self, tensors):
+            pushed.append([t.clone() for t in tensors])
+
+        def ready(self):
+            yield [np.asarray(0.5, dtype=np.float32)]
+
+    m._progress_copies = Queue()
+    m.log = lambda name, value, **kw: logged.append((name, value, kw))
+    m._logged["train"] = True
+    m._log_train(torch.tensor(0.75), batch_idx=0, batch_size=4)
+    assert [float(t[0]) for t in pushed] == [0.75]  # this step's loss starts its copy ...
+    assert [(name, float(value)) for name, value, _ in logged] == [("loss", 0.5)]  # ... the finished one is shown
+    value, kw = logged[0][1], logged[0][2]
+    assert value.device.type == "cpu" and kw["prog_bar"] and kw["on_step"] and not kw["on_epoch"]
+    m._log_train(torch.tensor(9.0), batch_idx=1, batch_size=4)  # not a reporting step: no new copy
+    assert len(pushed) == 1

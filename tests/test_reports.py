@@ -144,6 +144,34 @@ def test_report_drops_distributed_padding_repeats(tmp_path):
     assert counts.sum() == 2
 
 
+def test_report_batches_stay_on_their_device_until_the_epoch_end(tmp_path, monkeypatch):
+    """A copy to the host at every test batch would wait for the device there (on a GPU: the loop stalls each
+    batch); the report keeps the batch outputs (and the grid's images) where they are and copies at the end."""
+    report = TrainingReport(grid_size=4)
+
+    class T:
+        world_size, is_global_zero, log_dir, default_root_dir, datamodule = 1, True, str(tmp_path), str(tmp_path), None
+
+    class M:
+        num_classes = 2
+
+    copies = []
+    for name in ("cpu", "numpy", "tolist", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, real=real, name=name, **k: (copies.append(name),
+                                                                                             real(self, *a, **k))[1])
+    report.on_test_epoch_start(T, M)
+    for i in range(3):
+        batch = (torch.rand(3, 3, 4, 4), torch.tensor([0, 1, 1]), torch.arange(3) + 3 * i)
+        out = {"preds": torch.tensor([0, 1, 0]), "target": batch[1], "index": batch[2]}
+        report.on_test_batch_end(T, M, out, batch, i)
+    assert copies == []
+    report.on_test_epoch_end(T, M)
+    assert copies  # at the end, once
+    counts = np.array([[int(v) for v in r[1:]] for r in read_csv(tmp_path / "reports" / "confusion_matrix.csv")[1:]])
+    assert counts.tolist() == [[3, 0], [3, 3]]
+
+
 def test_prediction_csv_writer(tmp_path):
     rng = np.random.default_rng(0)
     dm = ArrayDataModule((rng.random((12, 8, 8, 3)) * 255).astype(np.uint8), np.arange(12) % 3, ["a", "b", "c"],
