@@ -57,7 +57,6 @@ GPU_MODELS = ["InceptionV3", "ResNet50", "Xception", "VGG16"]
 # ----------------------------------------------------------------------------- ours (worker)
 def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
     from _ours import common_overrides, env_info, run_cli
-    from _timing import now
 
     args = ["fit", "--config", spec["config"], *common_overrides(spec["run_dir"]),
             "--model.backbone", spec["model"], "--model.weights", spec["h5"],
@@ -247,7 +246,6 @@ def main() -> None:
     pool = photo_crops(min(n, 1024), 32, seed=0)
     labels = np.arange(n) % 10
     write_cifar10(work / "data", tiled(pool, n), labels, pool[:10], np.arange(10))
-    here = Path(__file__).resolve()
     try:
         for model in models:
             entry = get_entry(model)

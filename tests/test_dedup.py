@@ -2,13 +2,12 @@
 bit-identical, never stale, and used by the engine on NASNet."""
 import gc
 
-import pytest
 import torch
 import torch.nn as nn
 
 from lightning_app.dedup import ResultTable, ReuseResult, deduplicate, find_repeats
-from lightning_app.engine import InferenceEngine, InferenceOptions, relative_error
-from test_engine import zoo_net
+from lightning_app.engine import relative_error
+from test_engine import restructured_and_plain
 
 
 class Branches(nn.Module):
@@ -104,12 +103,7 @@ def test_no_reuse_where_gradients_are_wanted():
 
 
 def test_engine_deduplicates_nasnetmobile_bit_identically():
-    net = zoo_net("NASNetMobile", 64)
-    x = torch.rand(2, 3, 64, 64)
-    engine = InferenceEngine(net, InferenceOptions(precision="fp32", compile=False), name="NASNetMobile")
-    plain = InferenceEngine(net, InferenceOptions(precision="fp32", compile=False, restructure=False))
-    with torch.no_grad():
-        ref, out, out_plain = net(x), engine(x), plain(x)
+    net, x, engine, out, out_plain, ref = restructured_and_plain("NASNetMobile")
     wrapped = [m for m in engine._copy.net.modules() if isinstance(m, ReuseResult)]
     assert len(wrapped) > 50 and "modules restructured" in engine.status
     assert torch.equal(out, out_plain)  # the same operations, fewer of them

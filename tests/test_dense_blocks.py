@@ -11,7 +11,7 @@ from lightning_app import dense_blocks
 from lightning_app.dense_blocks import (BatchNormAffine, BufferedDenseBlock, pool_before_pointwise_conv,
                                         restructure_dense_blocks)
 from lightning_app.engine import InferenceEngine, InferenceOptions, relative_error
-from test_engine import zoo_net
+from test_engine import restructured_and_plain, zoo_net
 
 FP32 = InferenceOptions(precision="fp32", compile=False)
 
@@ -167,12 +167,7 @@ def test_engine_puts_the_blocks_back_when_restructuring_changes_the_output(monke
 def test_engine_only_pools_first_where_it_does_not_run_float32_eagerly_on_the_cpu():
     """bf16 (as on a GPU, where the engine compiles: inductor plans the concatenations itself) keeps the blocks and
     still pools before the transitions' convolutions, which saves multiply-adds compiled or not."""
-    net = zoo_net("DenseNet121", 64)
-    x = torch.rand(2, 3, 64, 64)
-    engine = InferenceEngine(net, InferenceOptions(precision="bf16", compile=False), name="DenseNet121")
-    plain = InferenceEngine(net, InferenceOptions(precision="bf16", compile=False, restructure=False))
-    with torch.no_grad():
-        out, out_plain, ref = engine(x), plain(x), net(x)
+    _, _, engine, out, out_plain, ref = restructured_and_plain("DenseNet121", "bf16")
     assert "3 modules restructured" in engine.status
     copy_net = engine._copy.net
     assert not any(isinstance(m, BufferedDenseBlock) for m in copy_net.modules())

@@ -85,6 +85,19 @@ def zoo_net(name: str, size: int, top: bool = False) -> nn.Module:
     return calibrate_bn(net, torch.cat([parity_photos(c, 2), torch.rand(2, 3, c, c)]))
 
 
+def restructured_and_plain(name: str, precision: str = "fp32", size: int = 64):
+    """``zoo_net(name, size)``, two random images and, run once on them, two uncompiled engines over the network:
+    restructured (the default) and not. Returns ``(net, x, engine, out, out_plain, ref)`` (``ref``: the network's
+    own float32 output)."""
+    net = zoo_net(name, size)
+    x = torch.rand(2, 3, size, size)
+    engine = InferenceEngine(net, InferenceOptions(precision=precision, compile=False), name=name)
+    plain = InferenceEngine(net, InferenceOptions(precision=precision, compile=False, restructure=False), name=name)
+    with torch.no_grad():
+        out, out_plain, ref = engine(x), plain(x), net(x)
+    return net, x, engine, out, out_plain, ref
+
+
 # --------------------------------------------------------------------------- every zoo model
 #: size of the CPU check for a model that is not its family's smallest (the family's smallest model is checked at its
 #: native size; models of one family share their code, so their folding differs only in depth and width); set
