@@ -11,7 +11,8 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
   (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
 * **Convolution + activation fused** on the CPU in float32 (one oneDNN call, :mod:`lightning_app.conv_fusion`), where
   the activation alone reads the convolution's output; checked against the unfused copy like the fold.
-* **Restructured**: DenseNet transitions pool before their 1x1 convolution; on the CPU in float32 also DenseNet
+* **Restructured**: DenseNet transitions pool before their 1x1 convolution, TF-"same" pools pad implicitly
+  (:mod:`lightning_app.same_pooling`); on the CPU in float32 also DenseNet
   blocks run into one feature buffer instead of a concatenation before every layer (:mod:`lightning_app.
   dense_blocks`) and a stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs
   once (:mod:`lightning_app.dedup`); checked against the copy before.
@@ -50,7 +51,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_app import conv_fusion, dedup, dense_blocks
+from lightning_app import conv_fusion, dedup, dense_blocks, same_pooling
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -91,7 +92,8 @@ class InferenceOptions:
         fold_bn: fold inference-mode BatchNorm into the preceding convolution.
         fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
             output as one oneDNN call (:mod:`lightning_app.conv_fusion`).
-        restructure: pool before a DenseNet transition's 1x1 convolution; on the CPU in float32 also run DenseNet
+        restructure: pool before a DenseNet transition's 1x1 convolution, pool over TF-"same" padding without
+            building the padded input (:mod:`lightning_app.same_pooling`); on the CPU in float32 also run DenseNet
             blocks into one buffer instead of concatenating before every layer (:mod:`lightning_app.dense_blocks`),
             and compute a repeated stateless operation on one tensor once (NASNet's ReLUs and pools,
             :mod:`lightning_app.dedup`).
@@ -491,7 +493,8 @@ class InferenceEngine(nn.Module):
 
     def _restructure(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
         """Restructure ``folded`` in place: on every device, DenseNet transitions pool before their 1x1 convolution
-        (fewer multiply-adds, compiled or not); where the engine runs eagerly in float32 on the CPU, also DenseNet
+        (fewer multiply-adds, compiled or not) and TF-"same" pools pad implicitly (:mod:`lightning_app.
+        same_pooling`); where the engine runs eagerly in float32 on the CPU, also DenseNet
         blocks into one buffer (:mod:`lightning_app.dense_blocks`) and repeated stateless operations on one tensor
         once (:mod:`lightning_app.dedup`; compiled graphs do both themselves). Checked against the copy before in
         float32, like the fold. The number of modules replaced (0 when none, or when the output changed beyond
@@ -504,6 +507,7 @@ class InferenceEngine(nn.Module):
         with torch.inference_mode(False), torch.no_grad(), precision_context("fp32", x.device.type):
             reference = folded.net(example.clone())
             replaced = dense_blocks.restructure_dense_blocks(folded.net, buffers=eager_cpu)
+            replaced += same_pooling.replace_same_pools(folded.net)
             if eager_cpu:
                 replaced += dedup.deduplicate(folded.net, example.clone())
             if not replaced:
