@@ -487,11 +487,12 @@ class CudaGraphHeadSteps(EagerHeadSteps):
 
 
 class EpochStats:
-    """Training logits, labels and loss kept on the device and handed to the epoch metrics in large blocks.
+    """A loop's logits, labels and loss kept on the device and handed to the epoch metrics in large blocks (head
+    chunks, and the training, validation and test steps of :class:`~lightning_app.module.TransferModule`).
 
     torchmetrics' updates synchronise with the host (argument checks, ``bincount``); fed once per block of up to
     ``max_elements`` logits (one block per epoch for CIFAR-10-sized heads), the device never waits on the host
-    between chunks.
+    between steps.
     """
 
     def __init__(self, max_elements: int = 2**22) -> None:
