@@ -229,7 +229,7 @@ class LoopTimer(pl.Callback):
         keep = [i for i, b in enumerate(self.batches[stage])
                 if b[0] == run and (dataloader_idx is None or b[1] == dataloader_idx)]
         rows = [self.batches[stage][i] for i in keep]
-        host = [self.host[stage][i] for i in keep] if len(self.host[stage]) == len(self.batches[stage]) else []
+        host = [self.host[stage][i] for i in keep]
         if full_only and len(rows) > 1 and rows[-1][2] < max(r[2] for r in rows):
             rows, host = rows[:-1], host[:-1]
         sizes, starts, ends = [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
@@ -241,10 +241,8 @@ class LoopTimer(pl.Callback):
         step = sum(e - s for s, e in zip(starts[first:], ends[first:]))
         out = {"img_s": window_rate(ends, sizes, first), "images": sum(sizes[first:]), "batches": len(rows) - first,
                "step_s": step, "other_s": wall - step, "window_s": wall}
-        if host:
-            host_wall = host[-1][1] - host[first - 1][1]
-            out["host_step_s"] = sum(e - s for s, e in host[first:])
-            out["host_other_s"] = host_wall - out["host_step_s"]
+        out["host_step_s"] = sum(e - s for s, e in host[first:])
+        out["host_other_s"] = host[-1][1] - host[first - 1][1] - out["host_step_s"]
         return out
 
 

@@ -82,7 +82,7 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
            "model_img_s": steady["images"] / steady["step_s"] if steady["step_s"] else float("nan"),
            "model_pct": 100 * steady["step_s"] / steady["window_s"], "steady_images": steady["images"],
            "first_batch_s": first_end - first_start, "precision": str(cli.trainer.precision)}
-    if steady.get("batches") and "host_step_s" in steady:  # the host's side of the same window, per batch
+    if steady["batches"]:  # the host's side of the same window, per batch
         out["host_step_ms"] = 1e3 * steady["host_step_s"] / steady["batches"]
         out["host_other_ms"] = 1e3 * steady["host_other_s"] / steady["batches"]
         out["device_step_ms"] = 1e3 * steady["step_s"] / steady["batches"]
@@ -125,11 +125,9 @@ def _input_pipeline_rate(source: Any, device: Any, batches: int) -> float:
     (workers, pinned memory), the transfer to ``device`` and the DataModule's device-side preparation (resize where
     it runs there, uint8 -> float), timed from the loader's start (batches the workers prefetch while the first one
     is awaited would otherwise look free) over up to ``batches`` batches, device work included."""
-    import torch
-    from _timing import now
+    from _timing import now, sync
 
     source.predict_split = "train"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t, n = now(), 0
     for i, batch in enumerate(source.predict_dataloader()):
         batch = [b.to(device, non_blocking=True) for b in batch]
@@ -146,10 +144,8 @@ def _input_pipeline_stages(source: Any, device: Any, batches: int) -> Dict[str, 
     first), each stage waited for before the next starts: ``fetch_ms`` the loader as built without pinned memory
     (a second pass), ``pin_ms`` what pinning adds (the loader as built, minus ``fetch_ms``), ``transfer_ms`` the
     copy to ``device``, ``prepare_ms`` the DataModule's device-side preparation (resize, uint8 -> float)."""
-    import torch
-    from _timing import now
+    from _timing import now, sync
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     source.predict_split = "train"
     times: Dict[str, List[float]] = {"fetch": [], "loaded": [], "transfer": [], "prepare": []}
     pin = source.pin_memory

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lightning_app.module_swap import Replaced, replace_modules
+
 
 def signature(module: nn.Module) -> Optional[Tuple[Hashable, ...]]:
     """What determines a stateless module's output besides its input, or ``None`` when it is not one this module
@@ -110,17 +112,12 @@ def find_repeats(net: nn.Module, example: Tensor) -> List[List[str]]:
 
 
 @torch.no_grad()
-def deduplicate(net: nn.Module, example: Tensor) -> List[Tuple[str, nn.Module]]:
+def deduplicate(net: nn.Module, example: Tensor) -> Replaced:
     """Wrap (in place) every module of :func:`find_repeats`'s groups in :class:`ReuseResult`, one table for the
-    network. Returns the ``(name, original module)`` pairs replaced (``net.set_submodule`` puts them back)."""
-    names = sorted({name for group in find_repeats(net, example) for name in group})
+    network. Returns what was replaced (:func:`~lightning_app.module_swap.restore_modules` puts it back)."""
+    names = {name for group in find_repeats(net, example) for name in group}
     table = ResultTable()
-    replaced = []
-    for name in names:
-        module = net.get_submodule(name)
-        net.set_submodule(name, ReuseResult(module, table))
-        replaced.append((name, module))
-    return replaced
+    return replace_modules(net, lambda name, module: ReuseResult(module, table) if name in names else None)
 
 
 __all__ = ["ResultTable", "ReuseResult", "deduplicate", "find_repeats", "signature"]

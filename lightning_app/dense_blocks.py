@@ -24,6 +24,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_app.module_swap import Replaced, replace_modules
+
 
 def _is_inference_bn(bn: nn.Module) -> bool:
     """A BatchNorm that normalises with running statistics and an affine (timm's ``BatchNormAct2d`` included)."""
@@ -155,22 +157,17 @@ def pool_before_pointwise_conv(seq: nn.Module) -> Optional[nn.Sequential]:
 
 
 @torch.no_grad()
-def restructure_dense_blocks(net: nn.Module, buffers: bool = True) -> List[Tuple[str, nn.Module]]:
+def restructure_dense_blocks(net: nn.Module, buffers: bool = True) -> Replaced:
     """In ``net`` (in place, for inference): every transition pools before its 1x1 convolution and, with
-    ``buffers``, every supported dense block becomes a :class:`BufferedDenseBlock`. Returns the ``(name, original
-    module)`` pairs replaced (``net.set_submodule`` puts them back)."""
-    replaced: List[Tuple[str, nn.Module]] = []
-    for name, module in list(net.named_modules()):
-        if not name or any(name.startswith(done + ".") for done, _ in replaced):
-            continue
-        new: Optional[nn.Module] = None
+    ``buffers``, every supported dense block becomes a :class:`BufferedDenseBlock`. Returns what was replaced
+    (:func:`~lightning_app.module_swap.restore_modules` puts it back)."""
+
+    def replacement(name: str, module: nn.Module) -> Optional[nn.Module]:
         if buffers and BufferedDenseBlock.supports(module):
-            new = BufferedDenseBlock(module)
-        new = new if new is not None else pool_before_pointwise_conv(module)
-        if new is not None:
-            net.set_submodule(name, new)
-            replaced.append((name, module))
-    return replaced
+            return BufferedDenseBlock(module)
+        return pool_before_pointwise_conv(module)
+
+    return replace_modules(net, replacement)
 
 
 __all__ = ["BatchNormAffine", "BufferedDenseBlock", "pool_before_pointwise_conv", "restructure_dense_blocks"]

@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_app import conv_fusion, dedup, dense_blocks, same_pooling
+from lightning_app.module_swap import restore_modules
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -515,10 +516,9 @@ class InferenceEngine(nn.Module):
             err = relative_error(folded.net(example.clone()), reference)
             if err <= FOLD_TOLERANCE:
                 return len(replaced)
-            for name, module in reversed(replaced):
-                folded.net.set_submodule(name, module)
-        rank_zero_info(f"inference engine: restructuring {self.name} (dense blocks, repeated operations) changed its "
-                       f"output by {err:.1e} (> {FOLD_TOLERANCE:g}); running it as it is")
+            restore_modules(folded.net, replaced)
+        rank_zero_info(f"inference engine: restructuring {self.name} (dense blocks, same pools, repeated operations) "
+                       f"changed its output by {err:.1e} (> {FOLD_TOLERANCE:g}); running it as it is")
         return 0
 
     def refresh(self, full: bool = False) -> bool:

@@ -18,12 +18,14 @@ the network's time). Equal results (max: bit-identical; average: summation order
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_app.module_swap import Replaced, replace_modules
 
 
 def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
@@ -83,7 +85,7 @@ class SamePool2d(nn.Module):
         return f"{self.kind}, kernel_size={self.kernel_size}, stride={self.stride}{pad}"
 
 
-def _replacement(m: nn.Module) -> Optional[SamePool2d]:
+def _replacement(name: str, m: nn.Module) -> Optional[SamePool2d]:
     """The :class:`SamePool2d` equal to ``m``, or ``None`` where ``m`` is not such a pool."""
     from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
@@ -100,16 +102,10 @@ def _replacement(m: nn.Module) -> Optional[SamePool2d]:
 
 
 @torch.no_grad()
-def replace_same_pools(net: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """In ``net`` (in place): every explicitly padded "same" pool becomes a :class:`SamePool2d`. Returns the
-    ``(name, original module)`` pairs replaced (``net.set_submodule`` puts them back)."""
-    replaced: List[Tuple[str, nn.Module]] = []
-    for name, module in list(net.named_modules()):
-        new = _replacement(module) if name else None
-        if new is not None:
-            net.set_submodule(name, new)
-            replaced.append((name, module))
-    return replaced
+def replace_same_pools(net: nn.Module) -> Replaced:
+    """In ``net`` (in place): every explicitly padded "same" pool becomes a :class:`SamePool2d`. Returns what was
+    replaced (:func:`~lightning_app.module_swap.restore_modules` puts it back)."""
+    return replace_modules(net, _replacement)
 
 
 __all__ = ["SamePool2d", "replace_same_pools", "same_pads", "same_pool2d"]
