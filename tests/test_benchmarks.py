@@ -99,7 +99,7 @@ def test_head_benchmark_reports_each_runners_fastest_round():
     assert head.best_round([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
 
 
-@pytest.mark.parametrize("size,resize_on", [(32, None), (40, "device")])
+@pytest.mark.parametrize("size,resize_on", [(32, None), (40, "workers")])
 def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     extract = _load("extract")
     x = _harness.photo_crops(60, 32, seed=0)
@@ -108,9 +108,9 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
                               "h5": "null", "data": str(tmp_path / "data"), "size": size, "cache": str(tmp_path / "c"),
                               "run_dir": str(tmp_path / "runs"), "batch": 4, "batch_override": True,
                               "warmup_batches": 2, "loader_batches": 1, "resize_on": resize_on})
-    assert r["resize_on"] == (resize_on or "workers")  # the config's auto: workers on the CPU
-    # the config leaves num_workers to the automatic choice: 2 resizing workers on the CPU, none for the device resize
-    assert r["num_workers"] == (0 if resize_on == "device" else min(2, len(os.sched_getaffinity(0))))
+    assert r["resize_on"] == (resize_on or "device")  # the config's auto: CIFAR's one size is resized on the device
+    # the config leaves num_workers to the automatic choice: none for the device resize, 2 resizing workers on the CPU
+    assert r["num_workers"] == (0 if resize_on is None else min(2, len(os.sched_getaffinity(0))))
     assert r["images"] == 60 and r["splits"] == 2 and r["batch"] == 4  # train + val, every image once
     assert r["img_s"] > 0 and 0 < r["model_pct"] <= 100 and r["wall_s"] > 0 and r["loader_img_s"] > 0
     # where the input pipeline's time goes (per batch), and the host's side of the steady window

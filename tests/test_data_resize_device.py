@@ -78,14 +78,19 @@ def test_device_path_gives_the_workers_batches(mode):
     assert dev.dataset("train")[0][0].shape == (3, 20, 16)
 
 
-def test_auto_is_workers_on_cpu_and_device_on_cuda():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_resizes_uniform_data_on_the_trainers_device(device):
     dm = _dm("auto")
+    dm.num_workers = None
     ds = dm.dataset("train")
-    assert not dm.resizes_on_device(ds)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1,
-                                 num_nodes=1)
-    assert dm.resizes_on_device(ds)
-    assert _dm("workers").resizes_on_device(ds) is False
+    assert not dm.resizes_on_device(ds)  # a loader iterated on its own serves resized images
+    assert next(iter(dm.train_dataloader()))[0].shape[-2:] == (20, 16)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device, 0)), world_size=1, num_nodes=1)
+    assert dm.resizes_on_device(ds, trainer)
+    dm.trainer = trainer  # on the CPU too: in the main process, between two steps, with no workers
+    assert dm.resizes_on_device(ds) and dm.loader_workers(ds) == 0
+    assert next(iter(dm.train_dataloader()))[0].shape[-2:] == (10, 14)
+    assert _dm("workers").resizes_on_device(ds, trainer) is False
 
 
 def test_cache_key_resize_tag_follows_the_trainer_not_the_attachment():
@@ -151,7 +156,7 @@ def test_auto_num_workers():
         assert auto_num_workers(False, "cuda") == 15
         assert auto_num_workers(False, "cuda", processes_per_node=8) == 1
         assert auto_num_workers(False, "cpu") == 2
-    dm = _dm("auto", )
+    dm = _dm("auto")
     dm.num_workers = None
     assert dm.loader_workers(dm.dataset("train")) == auto_num_workers(False, "cpu")
 

@@ -576,7 +576,7 @@ def device_resize_tag(trainer: "pl.Trainer", datamodule: Any, split: str) -> Opt
     resizes = getattr(datamodule, "resizes_on_device", None)
     device = trainer.strategy.root_device.type
     # the Trainer's device, not the DataModule's attached Trainer: the key is the same before fit attaches it
-    if resizes is None or not resizes(datamodule.dataset(split), device):
+    if resizes is None or not resizes(datamodule.dataset(split), trainer):
         return None
     return None if device == "cpu" else f"device:{device}"
 
