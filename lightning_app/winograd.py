@@ -58,16 +58,14 @@ def available() -> bool:
 
 
 def _plain_conv(m: nn.Module) -> nn.Module:
-    """The ``nn.Conv2d`` inside ``m`` (itself, or a :class:`ConvAct2d`'s with numeric padding)."""
-    if isinstance(m, ConvAct2d):
-        return m.conv if not m.same else m
-    return m
+    """The convolution of ``m``: itself, or a :class:`ConvAct2d`'s."""
+    return m.conv if isinstance(m, ConvAct2d) else m
 
 
 def _eligible(m: nn.Module) -> bool:
     """A 3x3, stride-1, dense, undilated convolution with symmetric numeric zero padding (optionally with a fused
     ReLU): what NNPACK computes."""
-    if isinstance(m, ConvAct2d) and not isinstance(m.act, nn.ReLU):
+    if isinstance(m, ConvAct2d) and (m.same or not isinstance(m.act, nn.ReLU)):
         return False
     conv = _plain_conv(m)
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
