@@ -12,7 +12,9 @@ layer                   oneDNN   NNPACK   layer                   oneDNN   NNPAC
 64 -> 64 at 224          385      337     512 -> 512 at 14          75       84
 128 -> 128 at 112        345      242     256 -> 256 at 14          19       26
 256 -> 256 at 56         373      217     64 -> 64 at 56            19       22
-512 -> 512 at 28         322      201     384 -> 384 at 8           13       28
+512 -> 512 at 28         322      201     128 -> 128 at 28          19       20
+256 -> 512 at 28         148      105     512 -> 512 at 7           23       45
+128 -> 256 at 56         170      122     384 -> 384 at 8           13       28
 =====================  ========  =======  =====================  ========  =======
 
 NNPACK reads and writes NCHW. In a channels_last network the two layout conversions around each such layer cost

@@ -12,6 +12,7 @@ from lightning_app import winograd
 from lightning_app.conv_fusion import ConvAct2d
 from lightning_app.engine import InferenceEngine, InferenceOptions, relative_error
 from lightning_app.winograd import WinogradConv2d, apply_winograd, undo_winograd, winograd_layers
+from lightning_app.zoo import get_entry
 
 from test_engine import zoo_net
 
@@ -119,16 +120,17 @@ def test_apply_winograd_changes_a_network_only_above_the_share_and_can_be_undone
     assert above.big is big and weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def _engines(size=112, batch=8):
-    net = zoo_net("VGG16", size)
+def _engines(size=112, batch=8, name="VGG16"):
+    net = zoo_net(name, size)
     x = torch.rand(batch, 3, size, size)
-    on = InferenceEngine(net, FP32, name="VGG16")
-    off = InferenceEngine(net, InferenceOptions(precision="fp32", compile=False, winograd=False), name="VGG16")
+    on = InferenceEngine(net, FP32, name=name)
+    off = InferenceEngine(net, InferenceOptions(precision="fp32", compile=False, winograd=False), name=name)
     return net, x, on, off
 
 
-def test_engine_runs_vgg16_through_winograd_convolutions_in_nchw():
-    net, x, on, off = _engines()
+@pytest.mark.parametrize("name", ["VGG16", "VGG19"])
+def test_engine_runs_the_vggs_through_winograd_convolutions_in_nchw_at_native_size(name):
+    net, x, on, off = _engines(get_entry(name).input_size, name=name)
     with _counting() as nnpack, torch.no_grad():
         out = on(x)
         calls_at_build = nnpack.call_count
