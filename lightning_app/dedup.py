@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from lightning_app.module_swap import Replaced, replace_modules
+from lightning_app.tracing import run_hooked
 
 
 def signature(module: nn.Module) -> Optional[Tuple[Hashable, ...]]:
@@ -98,12 +99,7 @@ def find_repeats(net: nn.Module, example: Tensor) -> List[List[str]]:
                 lambda m, args, name=name, sig=sig: calls.append([name, sig, args[0], args[0]._version])))
             hooks.append(module.register_forward_hook(
                 lambda m, args, out: calls[-1].extend([out, out._version])))
-    try:
-        with torch.no_grad():
-            net(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(net, example, hooks)
     groups: Dict[Tuple[Hashable, int], List[List[Any]]] = {}
     for call in calls:
         groups.setdefault((call[1], id(call[2])), []).append(call)

@@ -12,6 +12,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def run_hooked(net: nn.Module, example: Tensor, handles: List[Any]) -> Any:
+    """``net(example)`` without gradients, then remove ``handles`` (hooks registered for this one forward)."""
+    try:
+        with torch.no_grad():
+            return net(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class ConsumerLog(TorchDispatchMode):
     """Records, for tensors registered in ``watched`` (``id`` -> name), every aten operation that reads them."""
 

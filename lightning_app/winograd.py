@@ -38,6 +38,7 @@ from torch import Tensor
 
 from lightning_app.conv_fusion import ConvAct2d
 from lightning_app.module_swap import Replaced, replace_modules, restore_modules
+from lightning_app.tracing import run_hooked
 
 #: smallest output height and width of a layer run through NNPACK (its 8x8 tiles lose on smaller maps)
 MIN_SIZE = 28
@@ -113,14 +114,8 @@ def winograd_layers(net: nn.Module, example: Tensor) -> Tuple[List[str], float]:
         n = h * w * c.out_channels * (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
         macs[name] = (_eligible(mod) and min(h, w) >= MIN_SIZE, n)
 
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: hook(name, mod, out))
-             for name, m in net.named_modules() if isinstance(_plain_conv(m), nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            net(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(net, example, [m.register_forward_hook(lambda mod, args, out, name=name: hook(name, mod, out))
+                              for name, m in net.named_modules() if isinstance(_plain_conv(m), nn.Conv2d)])
     # a ConvAct2d and its inner conv both hooked: count the outer one only
     names = [n for n in macs if not any(n.startswith(o + ".") for o in macs)]
     total = sum(macs[n][1] for n in names)
