@@ -18,9 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import Conv2dSame, pad_same
+from timm.layers import Conv2dSame
 from torch import Tensor
 
+from lightning_app.same_conv import same_conv_input
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 #: activation module type -> (oneDNN post-op name, its scalars, its algorithm, the aten op that reads the input)
@@ -69,7 +70,7 @@ class ConvAct2d(nn.Module):
             return self.act(conv(x))
         padding = conv.padding
         if self.same:
-            x, padding = pad_same(x, conv.weight.shape[-2:], conv.stride, conv.dilation), (0, 0)
+            x, padding = same_conv_input(x, conv.weight.shape[-2:], conv.stride, conv.dilation)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(padding), list(conv.stride),

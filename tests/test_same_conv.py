@@ -1,0 +1,65 @@
+"""TF-"same" convolutions without a zero-filled copy of the input (lightning_app.same_conv): the padded
+convolution's results, no copy where the split is even, and where the engine uses them."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, pad_same
+
+from lightning_app.conv_fusion import ConvAct2d
+from lightning_app.same_conv import SameConv2d, replace_same_convs, same_conv_input
+
+from test_engine import restructured_and_plain
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 2, 1), (5, 2, 1), (7, 2, 1), (3, 1, 1), (1, 2, 1), (3, 2, 2),
+                                                    (4, 2, 1)])
+@pytest.mark.parametrize("hw", [(7, 7), (8, 8), (9, 12), (16, 15), (2, 3)])
+def test_same_conv_input_gives_the_padded_convolution(hw, kernel, stride, dilation, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, *hw)
+    w, b = torch.randn(4, 6, kernel, kernel), torch.randn(4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(pad_same(x, (kernel, kernel), (stride, stride), (dilation, dilation)), w, b, stride, 0, dilation)
+    inp, padding = same_conv_input(x, (kernel, kernel), (stride, stride), (dilation, dilation))
+    out = F.conv2d(inp, w, b, stride, padding, dilation)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    pads = [pad_same(torch.zeros(1, 1, *hw), (kernel, kernel), (stride, stride), (dilation, dilation)).shape[i] - hw[j]
+            for i, j in ((2, 0), (3, 1))]
+    if pads[0] % 2 == 0 and pads[1] % 2 == 0:
+        assert inp is x  # an even split: the convolution pads implicitly, no copy
+    else:
+        assert inp.shape[-2:] == (hw[0] + pads[0] % 2, hw[1] + pads[1] % 2)
+        assert inp.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_same_conv2d_equals_timms_conv2d_same_and_keeps_its_parameters():
+    conv = Conv2dSame(8, 8, 5, stride=2, groups=8).eval()
+    new = SameConv2d(conv)
+    x = torch.randn(3, 8, 20, 21)
+    with torch.no_grad():
+        assert torch.allclose(new(x), conv(x), rtol=1e-6, atol=1e-6)
+    assert new.conv is conv and [p for p in new.parameters()] == [p for p in conv.parameters()]
+    xg = x.clone().requires_grad_(True)
+    new(xg).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    conv(xr).sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, atol=1e-6)
+
+
+def test_replace_same_convs_leaves_fused_convolutions_to_their_own_padding():
+    net = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), ConvAct2d(Conv2dSame(4, 4, 3, stride=2), nn.ReLU()),
+                        nn.Conv2d(4, 4, 3))
+    replaced = replace_same_convs(net, skip_inside=(ConvAct2d,))
+    assert [n for n, _ in replaced] == ["0"] and isinstance(net[0], SameConv2d)
+    assert type(net[1].conv) is Conv2dSame and type(net[2]) is nn.Conv2d
+    assert [n for n, _ in replace_same_convs(nn.Sequential(ConvAct2d(Conv2dSame(4, 4, 3, stride=2), nn.ReLU())))] \
+        == ["0.conv"]  # without skip_inside it would replace the fused one's too
+
+
+def test_engine_uses_them_on_nasnet_with_the_same_output():
+    _, _, engine, out, out_plain, ref = restructured_and_plain("NASNetMobile")
+    assert sum(isinstance(m, SameConv2d) for m in engine._copy.net.modules()) > 0
+    assert torch.allclose(out, out_plain, rtol=1e-5, atol=1e-6)
