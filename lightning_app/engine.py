@@ -540,7 +540,7 @@ class InferenceEngine(nn.Module):
     def _winograd(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
         """Where the engine runs eagerly in float32 on the CPU (``compile`` not forced) on batches of at least
         ``winograd.MIN_BATCH`` (the first batch's size), run ``folded`` through NNPACK's Winograd convolutions if
-        its large 3x3 convolutions carry most of its work (:func:`lightning_app.winograd.apply_winograd`); the
+        its large 3x3 convolutions carry most of its work (:func:`lightning_app.winograd.winograd_plan`); the
         engine then feeds it NCHW. Checked against the copy before, like the fold. The number of convolutions
         replaced (0: unchanged, or put back, logged)."""
         self._channels_last = self.options.channels_last
@@ -548,13 +548,15 @@ class InferenceEngine(nn.Module):
                 or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32
                 or x.ndim != 4 or x.shape[0] < winograd.MIN_BATCH or not winograd.available()):
             return 0
-        # checked on a batch NNPACK runs (copies of one sample: its kernels compute each sample on its own)
-        example = x[:1].detach().to(torch.float32).expand(winograd.MIN_BATCH, *x.shape[1:]).contiguous()
+        sample = x[:1].detach().to(torch.float32)
         with torch.inference_mode(False), torch.no_grad():
-            reference = folded.net(self._prepare(example.clone()))
-            replaced = winograd.apply_winograd(folded.net, self._prepare(example.clone()))
-            if not replaced:
+            names = winograd.winograd_plan(folded.net, self._prepare(sample.clone()))
+            if not names:
                 return 0
+            # checked on a batch NNPACK runs (copies of one sample: its kernels compute each sample on its own)
+            example = sample.expand(winograd.MIN_BATCH, *x.shape[1:]).contiguous()
+            reference = folded.net(self._prepare(example.clone()))
+            replaced = winograd.apply_winograd(folded.net, names)
             self._channels_last = False
             err = relative_error(folded.net(self._prepare(example.clone())), reference)
             if err <= FOLD_TOLERANCE:

@@ -20,8 +20,8 @@ layer                   oneDNN   NNPACK   layer                   oneDNN   NNPAC
 NNPACK reads and writes NCHW. In a channels_last network the two layout conversions around each such layer cost
 more than it saves at 56 px and above, so :func:`apply_winograd` changes a whole network or nothing: where the
 layers it wins on (3x3, stride 1, outputs of at least ``MIN_SIZE`` px) carry at least ``MIN_SHARE`` of the
-network's convolution multiply-adds (the VGGs: VGG16 1.25x, VGG19 1.31x for the whole network at 224 px), it
-replaces them by :class:`WinogradConv2d` and puts the network in NCHW (the engine then feeds it NCHW). The ResNets,
+network's convolution multiply-adds (:func:`winograd_plan`; the VGGs: VGG16 1.25x, VGG19 1.31x for the whole
+network at 224 px), it replaces them by :class:`WinogradConv2d` and puts the network in NCHW (the engine then feeds it NCHW). The ResNets,
 Inceptions and DenseNets stay below the share and keep oneDNN.
 
 Only on AVX2 CPUs: NNPACK's x86 kernels are AVX2, while on AVX-512 CPUs oneDNN's direct convolution has twice the
@@ -123,16 +123,21 @@ def winograd_layers(net: nn.Module, example: Tensor) -> Tuple[List[str], float]:
     return chosen, (sum(macs[n][1] for n in chosen) / total if total else 0.0)
 
 
-@torch.no_grad()
-def apply_winograd(net: nn.Module, example: Tensor) -> Replaced:
-    """Where :func:`winograd_layers` of ``example`` reach ``MIN_SHARE``, replace them by :class:`WinogradConv2d`
-    and convert ``net``'s convolution weights to NCHW (in place; feed it NCHW). Returns what was replaced
-    (nothing: ``net`` unchanged). Undo with :func:`undo_winograd`."""
+def winograd_plan(net: nn.Module, example: Tensor) -> List[str]:
+    """The layers to run through NNPACK for inputs like ``example`` (one sample suffices): :func:`winograd_layers`
+    where they carry at least ``MIN_SHARE`` of the multiply-adds, else none."""
     chosen, share = winograd_layers(net, example)
-    if not chosen or share < MIN_SHARE:
+    return chosen if share >= MIN_SHARE else []
+
+
+@torch.no_grad()
+def apply_winograd(net: nn.Module, names: List[str]) -> Replaced:
+    """Replace the layers ``names`` (:func:`winograd_plan`) of ``net`` by :class:`WinogradConv2d` and convert its
+    convolution weights to NCHW (in place; feed it NCHW). Returns what was replaced (undo: :func:`undo_winograd`)."""
+    if not names:
         return []
-    names = set(chosen)
-    replaced = replace_modules(net, lambda name, m: WinogradConv2d(m) if name in names else None)
+    chosen = set(names)
+    replaced = replace_modules(net, lambda name, m: WinogradConv2d(m) if name in chosen else None)
     _set_weight_format(net, torch.contiguous_format)
     return replaced
 
@@ -152,5 +157,5 @@ def undo_winograd(net: nn.Module, replaced: Replaced, channels_last: bool) -> No
         _set_weight_format(net, torch.channels_last if channels_last else torch.contiguous_format)
 
 
-__all__ = ["MIN_SHARE", "MIN_SIZE", "WinogradConv2d", "apply_winograd", "available", "undo_winograd",
-           "winograd_layers"]
+__all__ = ["MIN_BATCH", "MIN_SHARE", "MIN_SIZE", "WinogradConv2d", "apply_winograd", "available", "undo_winograd",
+           "winograd_layers", "winograd_plan"]

@@ -11,7 +11,7 @@ import torch.nn as nn
 from lightning_app import winograd
 from lightning_app.conv_fusion import ConvAct2d
 from lightning_app.engine import InferenceEngine, InferenceOptions, relative_error
-from lightning_app.winograd import WinogradConv2d, apply_winograd, undo_winograd, winograd_layers
+from lightning_app.winograd import WinogradConv2d, apply_winograd, undo_winograd, winograd_layers, winograd_plan
 from lightning_app.zoo import get_entry
 
 from test_engine import zoo_net
@@ -107,13 +107,13 @@ def test_apply_winograd_changes_a_network_only_above_the_share_and_can_be_undone
     x = torch.rand(1, 3, 30, 30)
     below = _Toy(big_channels=32, tail_channels=128).eval().to(memory_format=torch.channels_last)
     assert winograd_layers(below, x)[1] < winograd.MIN_SHARE
-    assert apply_winograd(below, x) == []
+    assert winograd_plan(below, x) == [] and apply_winograd(below, []) == []
     assert below.big.conv.weight.is_contiguous(memory_format=torch.channels_last)
 
     above = _Toy(big_channels=256).eval().to(memory_format=torch.channels_last)
     assert winograd_layers(above, x)[1] >= winograd.MIN_SHARE
     big, weight = above.big, above.big.conv.weight
-    replaced = apply_winograd(above, x)
+    replaced = apply_winograd(above, winograd_plan(above, x))
     assert [n for n, _ in replaced] == ["big"] and isinstance(above.big, WinogradConv2d)
     assert above.big.conv.weight is weight and weight.is_contiguous()  # the same Parameter, now NCHW
     undo_winograd(above, replaced, channels_last=True)
