@@ -83,7 +83,9 @@ class WinogradConv2d(nn.Module):
     Args:
         inner: the convolution it replaces (``nn.Conv2d``, or a :class:`ConvAct2d` with a ReLU); kept, with its
             parameters, and run instead wherever NNPACK does not apply: another device or dtype, autocast,
-            gradients (the attacks differentiate through the engine), ``torch.compile``.
+            batches below ``MIN_BATCH``, weights that require grad, ``torch.compile``. An input that requires
+            grad (the attacks differentiate through the engine) still runs NNPACK: autograd differentiates it as
+            the convolution it is (PyTorch's convolution backward).
     """
 
     def __init__(self, inner: nn.Module) -> None:
@@ -96,7 +98,7 @@ class WinogradConv2d(nn.Module):
         conv = self.conv
         if (x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32
                 or x.shape[0] < MIN_BATCH or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))):
+                or (torch.is_grad_enabled() and conv.weight.requires_grad)):
             return self.inner(x)
         y = torch._nnpack_spatial_convolution(x.contiguous(), conv.weight, conv.bias, list(conv.padding))
         return y.relu_() if self.relu else y

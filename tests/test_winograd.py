@@ -59,16 +59,28 @@ def test_winograd_conv_runs_the_direct_convolution_where_nnpack_does_not_apply()
     with _counting() as nnpack:
         with torch.no_grad():
             small = layer(x[: winograd.MIN_BATCH - 1])  # a batch below MIN_BATCH
-        xg = x.clone().requires_grad_(True)
-        out = layer(xg)  # the attacks' input gradients
-        out.sum().backward()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = layer(x)
+        conv.weight.requires_grad_(True)  # training the weights: PyTorch's own convolution
+        trained = layer(x)
+        trained.sum().backward()
+        conv.weight.requires_grad_(False)
     assert nnpack.call_count == 0
     assert torch.equal(small, torch.relu(conv(x[: winograd.MIN_BATCH - 1])))
+    assert bf16.dtype == torch.bfloat16 and conv.weight.grad is not None
+
+
+def test_winograd_conv_gives_the_attacks_the_direct_convolutions_input_gradient():
+    conv = _conv(16, 24)
+    layer = WinogradConv2d(ConvAct2d(conv, nn.ReLU()))
+    x = torch.randn(8, 16, 28, 28)
+    xg = x.clone().requires_grad_(True)
+    with _counting() as nnpack:
+        (layer(xg) * torch.linspace(-1, 1, 24).view(1, -1, 1, 1)).sum().backward()
+    assert nnpack.call_count == 1  # the forward runs NNPACK; autograd differentiates it as a convolution
     xr = x.clone().requires_grad_(True)
-    torch.relu(conv(xr)).sum().backward()
-    assert torch.allclose(xg.grad, xr.grad) and bf16.dtype == torch.bfloat16
+    (torch.relu(conv(xr)) * torch.linspace(-1, 1, 24).view(1, -1, 1, 1)).sum().backward()
+    assert relative_error(xg.grad, xr.grad) <= 1e-5
 
 
 class _Toy(nn.Module):
