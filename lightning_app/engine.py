@@ -403,8 +403,7 @@ class InferenceEngine(nn.Module):
         # undecided | compiled | eager (compilation failed) | declined (not worth it for this run)
         self._compile_state = "undecided"
         self._batch_dependent = False
-        self._channels_last = self.options.channels_last  # False while the copy runs NCHW Winograd convolutions
-        self._n_winograd = 0
+        self._n_winograd = 0  # convolutions the copy runs through NNPACK (in NCHW)
         self.status = "not built"
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -543,7 +542,6 @@ class InferenceEngine(nn.Module):
         its large 3x3 convolutions carry most of its work (:func:`lightning_app.winograd.winograd_plan`); the
         engine then feeds it NCHW. Checked against the copy before, like the fold. The number of convolutions
         replaced (0: unchanged, or put back, logged)."""
-        self._channels_last = self.options.channels_last
         if (not self.options.winograd or self.options.compile is True or x.device.type != "cpu"
                 or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32
                 or x.ndim != 4 or x.shape[0] < winograd.MIN_BATCH or not winograd.available()):
@@ -557,12 +555,12 @@ class InferenceEngine(nn.Module):
             example = sample.expand(winograd.MIN_BATCH, *x.shape[1:]).contiguous()
             reference = folded.net(self._prepare(example.clone()))
             replaced = winograd.apply_winograd(folded.net, names)
-            self._channels_last = False
+            self._n_winograd = len(replaced)
             err = relative_error(folded.net(self._prepare(example.clone())), reference)
             if err <= FOLD_TOLERANCE:
                 return len(replaced)
             winograd.undo_winograd(folded.net, replaced, self.options.channels_last)
-            self._channels_last = self.options.channels_last
+            self._n_winograd = 0
         rank_zero_info(f"inference engine: Winograd convolutions changed {self.name}'s output by {err:.1e} "
                        f"(> {FOLD_TOLERANCE:g}); running them directly")
         return 0
@@ -592,6 +590,11 @@ class InferenceEngine(nn.Module):
         return self._copy
 
     # -- running
+    @property
+    def _channels_last(self) -> bool:
+        """Whether the copy is fed channels_last: as the options say, unless it runs NNPACK's NCHW convolutions."""
+        return self.options.channels_last and not self._n_winograd
+
     def _prepare(self, x: Tensor) -> Tensor:
         if self._channels_last and x.ndim == 4:
             return x.contiguous(memory_format=torch.channels_last)

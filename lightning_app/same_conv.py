@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
-from timm.layers.padding import get_same_padding
 from torch import Tensor
 
 from lightning_app.module_swap import Replaced, replace_modules
+from lightning_app.same_pooling import same_pads
 
 
 def same_conv_input(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
@@ -27,9 +27,9 @@ def same_conv_input(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int]
     """``x [..., H, W]`` for a convolution with TF "same" padding: ``(input, symmetric padding)``, the input being
     ``x`` itself, or ``x`` with one zero row (column) appended at the bottom (right) where TF pads one more there."""
     h, w = x.shape[-2:]
-    pad_h = get_same_padding(h, kernel_size[0], stride[0], dilation[0])
-    pad_w = get_same_padding(w, kernel_size[1], stride[1], dilation[1])
-    extra_h, extra_w = pad_h % 2, pad_w % 2
+    (top, bottom), (left, right) = (same_pads(h, kernel_size[0], stride[0], dilation[0]),
+                                    same_pads(w, kernel_size[1], stride[1], dilation[1]))
+    extra_h, extra_w = bottom - top, right - left
     if extra_h or extra_w:
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         padded = torch.empty((*x.shape[:-2], h + extra_h, w + extra_w), dtype=x.dtype, device=x.device,
@@ -38,7 +38,7 @@ def same_conv_input(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int]
         padded[..., h:, :].zero_()
         padded[..., :h, w:].zero_()
         x = padded
-    return x, (pad_h // 2, pad_w // 2)
+    return x, (top, left)
 
 
 class SameConv2d(nn.Module):

@@ -23,14 +23,15 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers.padding import get_same_padding
 from torch import Tensor
 
 from lightning_app.module_swap import Replaced, replace_modules
 
 
-def same_pads(size: int, kernel: int, stride: int) -> Tuple[int, int]:
-    """TF "same" padding ``(before, after)`` of one dimension (no dilation)."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+    """TF "same" padding ``(before, after)`` of one dimension (timm's total, split as TF splits it)."""
+    total = get_same_padding(size, kernel, stride, dilation)
     return total // 2, total - total // 2
 
 

@@ -18,11 +18,11 @@ layer                   oneDNN   NNPACK   layer                   oneDNN   NNPAC
 =====================  ========  =======  =====================  ========  =======
 
 NNPACK reads and writes NCHW. In a channels_last network the two layout conversions around each such layer cost
-more than it saves at 56 px and above, so :func:`apply_winograd` changes a whole network or nothing: where the
-layers it wins on (3x3, stride 1, outputs of at least ``MIN_SIZE`` px) carry at least ``MIN_SHARE`` of the
-network's convolution multiply-adds (:func:`winograd_plan`; the VGGs: VGG16 1.25x, VGG19 1.31x for the whole
-network at 224 px), it replaces them by :class:`WinogradConv2d` and puts the network in NCHW (the engine then feeds it NCHW). The ResNets,
-Inceptions and DenseNets stay below the share and keep oneDNN.
+more than it saves at 56 px and above, so a whole network changes or nothing: where the layers it wins on (3x3,
+stride 1, outputs of at least ``MIN_SIZE`` px) carry at least ``MIN_SHARE`` of the network's convolution
+multiply-adds (:func:`winograd_plan`; the VGGs: VGG16 1.25x, VGG19 1.31x for the whole network at 224 px),
+:func:`apply_winograd` replaces them by :class:`WinogradConv2d` and puts the network's weights in NCHW (the engine
+then feeds it NCHW). The ResNets, Inceptions and DenseNets stay below the share and keep oneDNN.
 
 Only on AVX2 CPUs: NNPACK's x86 kernels are AVX2, while on AVX-512 CPUs oneDNN's direct convolution has twice the
 peak. Results differ from the direct convolution by rounding (relative ~1e-6 per layer; the engine checks the
