@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_app import linear_fusion
 from lightning_app.data.feature_loader import FeatureChunk
 from lightning_app.dropout import Dropout, dropout_mask
 
@@ -36,6 +37,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: at most this many CUDA graph captures per runner (chunk shapes x re-captures), then eager steps
 MAX_CAPTURES = 8
+#: the written-out CPU steps run a product through oneDNN (where it beats MKL on this CPU:
+#: :func:`~lightning_app.linear_fusion.onednn_linear_faster`) from this many multiply-adds on; smaller ones (the
+#: 10-class output layer) are faster in MKL either way
+MIN_ONEDNN_MACS = 1 << 20
 #: optimizers whose CUDA-graph capture is supported (``capturable`` flag, tensor learning rate)
 CAPTURABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -118,6 +123,11 @@ class LeanHeadSteps(EagerHeadSteps):
     kernel; same shapes, values and ``Parameter`` objects). The two large products then run as plain
     ``[b, in] @ [in, out]`` and ``[in, b] @ [b, out]`` GEMMs, which MKL does about a fifth faster at these skinny
     shapes than the ``x @ W^T`` and ``g^T @ x`` forms (``benchmarks/head.py`` shows the step against its limit).
+
+    Where oneDNN's matrix product beats MKL's (AMD CPUs with AVX-512:
+    :func:`~lightning_app.linear_fusion.onednn_linear_faster`), the forward and weight-gradient products of at
+    least ``MIN_ONEDNN_MACS`` multiply-adds run through oneDNN instead, the forward with its ReLU as a post-op:
+    the CIFAR-10 head's step 565 -> 422 us on a 2-core Zen 5 EPYC.
     """
 
     name = "lean"
@@ -129,6 +139,7 @@ class LeanHeadSteps(EagerHeadSteps):
         self.label_smoothing = float(label_smoothing)
         self.input_dropout, self.blocks, self.out = _parse_head(head)
         self._groups: Optional[List[Dict[str, Any]]] = None
+        self._onednn: Optional[bool] = None  # decided at the first written-out step
 
     def _use_kernel_layout(self) -> None:
         """Weights, gradients and Adam moments of every ``Linear`` in :func:`kernel_layout` (class docstring)."""
@@ -192,6 +203,32 @@ class LeanHeadSteps(EagerHeadSteps):
             self._groups = None
         return super().run(chunk)
 
+    def _use_onednn(self, b: int, lin: nn.Linear) -> bool:
+        """Whether ``lin``'s products at batch ``b`` run through oneDNN (class docstring)."""
+        if self._onednn is None:
+            self._onednn = linear_fusion.onednn_linear_faster()
+        return self._onednn and b * lin.in_features * lin.out_features >= MIN_ONEDNN_MACS
+
+    def _forward(self, a: torch.Tensor, lin: nn.Linear, relu: bool) -> torch.Tensor:
+        """``a W^T + b`` (then ReLU'd), ``a [b, in]`` -> ``[b, out]``."""
+        if self._use_onednn(a.shape[0], lin):
+            return linear_fusion.linear(a.contiguous(), lin.weight, lin.bias, "relu" if relu else "none")
+        z = torch.addmm(lin.bias, a, lin.weight.t()) if lin.bias is not None else torch.mm(a, lin.weight.t())
+        return z.relu_() if relu else z
+
+    def _weight_grad(self, a: torch.Tensor, g: torch.Tensor, lin: nn.Linear) -> None:
+        """``lin.weight.grad = g^T a`` in place (``a [b, in]``, ``g [b, out]``)."""
+        if self._use_onednn(a.shape[0], lin):  # (g^T a)^T = a^T g: [in, out], the kernel layout's memory
+            _copy_into(linear_fusion.linear(a.t(), g.t(), None), lin.weight.grad)
+        else:
+            _mm_into(g.t(), a, lin.weight.grad)
+
+    def _input_grad(self, g: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """``g W``: ``g [b, out]`` -> ``[b, in]``."""
+        if self._use_onednn(g.shape[0], lin):
+            return linear_fusion.linear(g.contiguous(), lin.weight.t(), None)
+        return torch.mm(g, lin.weight)
+
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
         h = x
@@ -200,8 +237,7 @@ class LeanHeadSteps(EagerHeadSteps):
             h = h * mask0(h, p0)
         saved = []
         for lin, p, mask in self.blocks:
-            z = torch.addmm(lin.bias, h, lin.weight.t()) if lin.bias is not None else torch.mm(h, lin.weight.t())
-            z.relu_()
+            z = self._forward(h, lin, relu=True)
             if p:
                 noise = mask(z, p)
                 a = z * noise
@@ -210,7 +246,7 @@ class LeanHeadSteps(EagerHeadSteps):
             saved.append((h, z, noise))
             h = a
         out = self.out
-        logits = torch.addmm(out.bias, h, out.weight.t()) if out.bias is not None else torch.mm(h, out.weight.t())
+        logits = self._forward(h, out, relu=False)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         # d loss / d logits
         c = logits.shape[1]
@@ -219,21 +255,21 @@ class LeanHeadSteps(EagerHeadSteps):
             g.sub_(self.label_smoothing / c)
         g.scatter_add_(1, y.unsqueeze(1), torch.full((b, 1), self.label_smoothing - 1.0, device=g.device))
         g.div_(b)
-        _mm_into(g.t(), h, out.weight.grad)
+        self._weight_grad(h, g, out)
         if out.bias is not None:
             torch.sum(g, 0, out=out.bias.grad)
-        da = torch.mm(g, out.weight) if self.blocks else None
+        da = self._input_grad(g, out) if self.blocks else None
         for i in range(len(self.blocks) - 1, -1, -1):
             lin = self.blocks[i][0]
             h_in, z, noise = saved[i]
             if noise is not None:
                 da.mul_(noise)
             dz = torch.ops.aten.threshold_backward(da, z, 0)
-            _mm_into(dz.t(), h_in, lin.weight.grad)
+            self._weight_grad(h_in, dz, lin)
             if lin.bias is not None:
                 torch.sum(dz, 0, out=lin.bias.grad)
             if i:
-                da = torch.mm(dz, lin.weight)
+                da = self._input_grad(dz, lin)
         for cached in self._groups:
             grp = cached["group"]
             torch._foreach_add_(cached["steps"], 1)
@@ -262,6 +298,11 @@ def kernel_layout(t: torch.Tensor) -> torch.Tensor:
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The contiguous view of a contiguous or :func:`kernel_layout` tensor (same memory, maybe transposed)."""
     return t if t.is_contiguous() else t.t()
+
+
+def _copy_into(grad_t: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = grad_t^T`` in place, ``out`` contiguous or in :func:`kernel_layout` (then a straight copy)."""
+    (out.t() if not out.is_contiguous() else out).copy_(grad_t if not out.is_contiguous() else grad_t.t())
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -569,9 +610,10 @@ def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats:
     """The compute limit of one head step: seconds spent in its matrix products alone, timed with ``torch.mm``
     at the step's shapes in float32 (the module runs its head steps without autocast) (per ``Linear``: forward
     ``a W^T``, weight gradient ``g^T a``, and the input gradient ``g W`` for every layer but the first), each
-    product in the faster of its two memory layouts (weight stored ``[out, in]`` as ``nn.Linear`` keeps it, or
-    ``[in, out]``: :func:`kernel_layout`), best of ``repeats`` x ``inner`` calls (on CUDA replayed from a CUDA
-    graph, as the steps are)."""
+    product in the fastest of its two memory layouts (weight stored ``[out, in]`` as ``nn.Linear`` keeps it, or
+    ``[in, out]``: :func:`kernel_layout`) and, on the CPU, oneDNN's product
+    (:func:`lightning_app.linear_fusion.linear`), best of ``repeats`` x ``inner`` calls (on CUDA replayed from a
+    CUDA graph, as the steps are)."""
     device = torch.device(device)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     total = 0.0
@@ -586,6 +628,11 @@ def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats:
                     [lambda: _mm_into(g.t(), a, dw), lambda: _mm_into(g.t(), a, dwk)]]
         if i:
             products.append([lambda: torch.mm(g, w, out=da), lambda: torch.mm(g, wk, out=da)])
+        if device.type == "cpu" and linear_fusion.available():
+            products[0].append(lambda: linear_fusion.linear(a, wk, None))
+            products[1].append(lambda: linear_fusion.linear(a.t(), g.t(), None))
+            if i:
+                products[2].append(lambda: linear_fusion.linear(g, wk.t(), None))
         total += sum(min(_best_time(fn, device, repeats, inner) for fn in forms) for forms in products)
     return total
 

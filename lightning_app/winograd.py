@@ -25,7 +25,9 @@ multiply-adds (:func:`winograd_plan`; the VGGs: VGG16 1.25x, VGG19 1.31x for the
 then feeds it NCHW). The ResNets, Inceptions and DenseNets stay below the share and keep oneDNN.
 
 Only on AVX2 CPUs: NNPACK's x86 kernels are AVX2, while on AVX-512 CPUs oneDNN's direct convolution has twice the
-peak. Results differ from the direct convolution by rounding (relative ~1e-6 per layer; the engine checks the
+peak. Measured on a 2-core AMD EPYC with AVX-512 (Zen 5), batch 16: oneDNN channels_last reaches 330-550 GFLOP/s and
+NNPACK runs the VGG layers above at 0.82-0.91x its speed (64 -> 64 at 224 px: 216 against 178 ms; 512 -> 512 at
+28 px: 127 against 111 ms), the small maps at 0.24-0.61x. Results differ from the direct convolution by rounding (relative ~1e-6 per layer; the engine checks the
 network's output, like the BatchNorm fold).
 """
 from __future__ import annotations

@@ -302,13 +302,24 @@ def test_lean_steps_match_eager_steps_cpu(tmp_path, monkeypatch):
         torch.testing.assert_close(head_l[k], head_e[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("hidden, dropout, opt", [([], 0.3, "adam"), ([16, 8], 0.2, "adamw"), ([16], 0.0, "amsgrad"),
                                                   ([12], 0.5, "adam-wd")])
-def test_lean_step_equals_autograd_for_every_head_layout(hidden, dropout, opt):
+def test_lean_step_equals_autograd_for_every_head_layout(monkeypatch, hidden, dropout, opt, onednn):
     """The written-out CPU step against autograd on the same chunks: same losses, logits and weights, for heads
-    without hidden layers (input dropout), with two hidden layers, without dropout; Adam, AdamW, AMSGrad, L2."""
+    without hidden layers (input dropout), with two hidden layers, without dropout; Adam, AdamW, AMSGrad, L2; with
+    its products in MKL and in oneDNN (the forward with its ReLU post-op, weight and input gradients)."""
+    from lightning_app import linear_fusion
     from lightning_app.head_steps import lean_blocker
     from lightning_app.module import build_head
+
+    if onednn and not linear_fusion.available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    onednn_calls = []
+    real_linear = linear_fusion.linear
+    monkeypatch.setattr(linear_fusion, "onednn_linear_faster", lambda: onednn)
+    monkeypatch.setattr(head_steps, "MIN_ONEDNN_MACS", 0)
+    monkeypatch.setattr(linear_fusion, "linear", lambda *a, **k: onednn_calls.append(a[3:]) or real_linear(*a, **k))
 
     feats, labels = features(n=70, dim=24)
     kwargs = {"adam": {}, "adamw": {"weight_decay": 0.05}, "amsgrad": {"amsgrad": True}, "adam-wd": {"weight_decay": 0.01}}
@@ -332,6 +343,10 @@ def test_lean_step_equals_autograd_for_every_head_layout(hidden, dropout, opt):
                 logits.append(out.logits)
         runs.append((losses, torch.cat(logits), {k: v.clone() for k, v in head.state_dict().items()}))
     (l_lean, lg_lean, w_lean), (l_eager, lg_eager, w_eager) = runs
+    # per step: forward, weight gradient and (but the first layer) input gradient of each Linear
+    written_out = len(l_lean) - 1  # the first step is an ordinary one (it creates the optimizer state)
+    assert len(onednn_calls) == written_out * (3 * (len(hidden) + 1) - 1) * onednn
+    assert sum(a[:1] == ("relu",) for a in onednn_calls) == written_out * len(hidden) * onednn
     np.testing.assert_allclose(l_lean, l_eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lg_lean, lg_eager, rtol=1e-5, atol=1e-5)
     for k in w_eager:
