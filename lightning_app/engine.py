@@ -55,7 +55,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_app import conv_fusion, dedup, dense_blocks, linear_fusion, same_conv, same_pooling, winograd
+from lightning_app import (conv_fusion, dedup, dense_blocks, linear_fusion, residual_fusion, same_conv, same_pooling,
+                           winograd)
 from lightning_app.module_swap import restore_modules
 from lightning_app.tracing import trace_producer_consumer_pairs
 
@@ -96,8 +97,10 @@ class InferenceOptions:
             generation, e.g. in tests).
         fold_bn: fold inference-mode BatchNorm into the preceding convolution.
         fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
-            output as one oneDNN call (:mod:`lightning_app.conv_fusion`); where oneDNN's matrix product beats
-            MKL's on the CPU (AMD CPUs with AVX-512), linear layers too (:mod:`lightning_app.linear_fusion`).
+            output as one oneDNN call (:mod:`lightning_app.conv_fusion`), and a ResNet block's last convolution
+            with its residual add and activation (:mod:`lightning_app.residual_fusion`); where oneDNN's matrix
+            product beats MKL's on the CPU (AMD CPUs with AVX-512), linear layers too
+            (:mod:`lightning_app.linear_fusion`).
         restructure: pool before a DenseNet transition's 1x1 convolution, pool over TF-"same" padding without
             building the padded input (:mod:`lightning_app.same_pooling`); on the CPU in float32 also run DenseNet
             blocks into one buffer instead of concatenating before every layer (:mod:`lightning_app.dense_blocks`),
@@ -406,6 +409,7 @@ class InferenceEngine(nn.Module):
         self._batch_dependent = False
         self._n_winograd = 0  # convolutions the copy runs through NNPACK (in NCHW)
         self._n_linear = 0  # linear layers the copy runs through oneDNN
+        self._n_residual = 0  # residual blocks whose add (and activation) are post-ops of their last convolution
         self.status = "not built"
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -483,6 +487,8 @@ class InferenceEngine(nn.Module):
             self.status += f", {fused} convolution + activation pairs fused"
         if fused >= 0 and self._n_linear:
             self.status += f", {self._n_linear} linear layers on oneDNN"
+        if fused >= 0 and self._n_residual:
+            self.status += f", {self._n_residual} residual adds fused"
         if restructured:
             self.status += f", {restructured} modules restructured"
         if n_winograd:
@@ -503,11 +509,12 @@ class InferenceEngine(nn.Module):
             self._n_linear = 0
             if linear_fusion.onednn_linear_faster():
                 self._n_linear = linear_fusion.fuse_linears(folded.net, self._prepare(example.clone()))
-            if not fused and not self._n_linear:
+            self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net, self._prepare(example.clone())))
+            if not fused and not self._n_linear and not self._n_residual:
                 return 0
             err = relative_error(folded.net(self._prepare(example.clone())), reference)
         if err > FOLD_TOLERANCE:
-            self._n_linear = 0
+            self._n_linear = self._n_residual = 0
             rank_zero_info(f"inference engine: fusing convolutions and linear layers with their activations changed "
                            f"{self.name}'s output by {err:.1e} (> {FOLD_TOLERANCE:g}); running them unfused")
             return -1
