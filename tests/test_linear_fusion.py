@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
 
 from lightning_app import linear_fusion

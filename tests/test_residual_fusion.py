@@ -94,7 +94,7 @@ def test_only_folded_plain_bottlenecks_fuse(fused_calls):
     folded = fold_batchnorm(net, torch.randn(1, 3, 64, 64))
     block = folded.layer2[0]
     assert fusable_bottleneck(block) and fusable_bottleneck(folded.layer2[1])
-    block.act3 = nn.Tanh()  # no oneDNN post-op for it here
+    block.act3 = nn.SiLU()  # oneDNN takes only a ReLU after the add
     assert not fusable_bottleneck(block)
 
 
@@ -111,6 +111,11 @@ def test_falls_back_to_the_blocks_forward_with_gradients(fused_calls):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused(x.detach())
     assert fused_calls == []
+    with torch.no_grad():
+        fused(x.detach().clone())  # eval (the block's mode): fused
+        fused.train()  # training mode (drop-path, BatchNorm statistics): the block's own forward
+        fused(x.detach().clone())
+    assert fused_calls == ["relu"]
 
 
 def test_engine_fuses_resnet50_blocks(fused_calls):
@@ -125,3 +130,25 @@ def test_engine_fuses_resnet50_blocks(fused_calls):
     assert "16 residual adds fused" in engine.status
     assert len(fused_calls) == 16
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_engine_fuses_resnet50v2_blocks(fused_calls):
+    """Keras ResNetV2 blocks (no activation after the add; projection, strided max-pool and identity shortcuts)."""
+    torch.manual_seed(0)
+    net = create_backbone("ResNet50V2", weights=None, num_classes=0).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    engine = InferenceEngine(net, InferenceOptions(compile=False))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        engine(x)
+        fused_calls.clear()
+        out = engine(x)
+    assert "16 residual adds fused" in engine.status
+    assert fused_calls == [None] * 16
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
