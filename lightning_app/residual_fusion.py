@@ -6,9 +6,11 @@ BatchNorm folded, the convolution writes its output, the add reads it and the sh
 ReLU reads and writes it once more. oneDNN accumulates the convolution into the shortcut's buffer (its "sum"
 post-op: ``torch.ops.mkldnn._convolution_pointwise_.binary``, the in-place op inductor's CPU fusion emits for this
 pattern) and applies the ReLU on the way out, so the block's output is written once, where the shortcut was. These
-are a ResNet's largest tensors (256 channels at 56 px in the first stage): the engine 1.18-1.29x (ResNet50), 1.13x
-(ResNet101) and 1.19x (ResNet50V2) faster on a 2-core Zen 5 EPYC, bit-identical output. (The out-of-place form, ``conv(x) + other``
-into a new tensor, was 0.96x: slower than not fusing.) Keras's ResNetV2 blocks end ``conv3(x) + shortcut`` (the
+are a ResNet's largest tensors (256 channels at 56 px in the first stage). On a 2-core Zen 5 EPYC, with the
+product's memory setting (:mod:`lightning_app.host_memory`), the engine alone gains 1.01x (ResNet50) and 1.02x
+(ResNet50V2), bit-identical output; in a process with glibc's default ``malloc`` (every add's output page-faulted
+in) it was 1.18-1.29x / 1.19x, and 1.13x on ResNet101. (The out-of-place form, ``conv(x) + other`` into a new
+tensor, was 0.96x there: slower than not fusing.) Keras's ResNetV2 blocks end ``conv3(x) + shortcut`` (the
 next block pre-activates): the same call without the activation.
 
 Writing into the shortcut is safe where nothing reads it afterwards: a projection shortcut's output always
