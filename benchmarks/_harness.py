@@ -323,6 +323,19 @@ def _fmt(v: Optional[float]) -> str:
     return f"{v:,.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
 
 
+def best_round(rows: List[Dict[str, Any]], metric: str, higher_is_better: bool) -> Dict[str, Any]:
+    """The round with the best ``metric`` (a failed round only if every round failed), with every round's value
+    in ``rounds_<metric>`` when there were several (``--rounds``: runners alternate, so a slow spell of a shared or
+    virtual machine hits each of them alike, and each reports its fastest round, as ``timeit`` does)."""
+    ok = [r for r in rows if "error" not in r and r.get(metric) is not None]
+    if not ok:
+        return rows[-1]
+    best = dict((max if higher_is_better else min)(ok, key=lambda r: r[metric]))
+    if len(rows) > 1:
+        best[f"rounds_{metric}"] = [r.get(metric) for r in rows]
+    return best
+
+
 def rel_diff(ours: Iterable, ref: Iterable) -> float:
     """max |ours - ref| / max |ref| (the sanity guard when both sides ran the same weights on the same images)."""
     a, b = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)

@@ -27,7 +27,7 @@ alone, Keras's best case.
 Sanity guard: ours and Keras features of two images must agree (``rel diff``; ours resizes to uint8 (workers or
 device), Keras in float on the device, so ~1e-2 is expected, bf16 more).
 
-Usage: python benchmarks/extract.py [--models InceptionV3 ResNet50] [--n-images 448] [--batch 64]
+Usage: python benchmarks/extract.py [--models InceptionV3 ResNet50] [--n-images 448] [--batch 64] [--rounds 1]
                                     [--resize-on workers device]
                                     [--keras jax tensorflow] [--json out.json]
 Defaults: on a GPU InceptionV3, ResNet50, Xception and VGG16 (the seed notebooks' backbones; the other four:
@@ -45,9 +45,9 @@ from typing import Any, Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, config_value,
-                      cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec, keras_policy,
-                      photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
+from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, best_round, check_precision,
+                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec,
+                      keras_policy, photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
@@ -181,15 +181,19 @@ def _input_pipeline_stages(source: Any, device: Any, batches: int) -> Dict[str, 
             "prepare_ms": ms["prepare"]}
 
 
-def _run_ours(res: Any, args: Any, common: Dict[str, Any], work: Path, h5_arg: str, keras_features: Dict[str, Path],
-              backends: Any, policy: str, model: str, entry: Any, resize_on: Any) -> None:
-    """One row of ours (``resize_on``: the DataModule's, ``None`` = the config's) and its sanity guard."""
+def _run_ours(args: Any, common: Dict[str, Any], work: Path, h5_arg: str, resize_on: Any) -> Dict[str, Any]:
+    """One run of ours (``resize_on``: the DataModule's, ``None`` = the config's)."""
     here = Path(__file__).resolve()
-    r = run_worker(here, dict(common, job="ours", runner=OURS, h5=h5_arg, config=str(args.config),
-                              cache=str(work / "cache"), run_dir=str(work / "runs"), resize_on=resize_on,
-                              batch_override=args.batch is not None, warmup_batches=args.warmup_batches,
-                              loader_batches=args.loader_batches),
-                   work / "logs", None, args.timeout)
+    return run_worker(here, dict(common, job="ours", runner=OURS, h5=h5_arg, config=str(args.config),
+                                 cache=str(work / "cache"), run_dir=str(work / "runs"), resize_on=resize_on,
+                                 batch_override=args.batch is not None, warmup_batches=args.warmup_batches,
+                                 loader_batches=args.loader_batches),
+                      work / "logs", None, args.timeout)
+
+
+def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], backends: Any, policy: str, model: str,
+              entry: Any) -> None:
+    """Ours's (best) row with its sanity guard and its ratios to the Keras rows already in ``res``."""
     if "sample_ids" in r:
         for runner, path in keras_features.items():
             ref = np.load(path, mmap_mode="r")[r["sample_ids"]]
@@ -218,6 +222,9 @@ def main() -> None:
     p.add_argument("--warmup-batches", type=int, default=2, help="batches left out of the steady-state rate")
     p.add_argument("--loader-batches", type=int, default=16, help="batches of the loader-alone probe (0: skip)")
     p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every runner this many times per model, alternating; each reports its fastest round "
+                        "(best of N, as timeit does: on a shared or virtual machine the slow spells are noise)")
     p.add_argument("--resize-on", nargs="+", default=[None], choices=["auto", "workers", "device"],
                    help="ours with these data.resize_on values, one row each (default: the config's)")
     add_common_args(p)
@@ -248,24 +255,34 @@ def main() -> None:
             h5 = work / f"{model}_notop.h5"
             h5.unlink(missing_ok=True)
             common = dict(keras_model_spec(entry), model=model, h5=str(h5), data=str(work / "data"), batch=batch)
-            keras_features = {}
-            for i, backend in enumerate(backends):
-                runner = KERAS_RUNNERS[backend]
-                feats = work / f"{model}_{backend}_features.npy"
-                r = run_worker(ROOT / "benchmarks" / "_keras.py",
-                               dict(common, job="extract", runner=runner, save_h5=i == 0, features=str(feats),
-                                    policy=policy, tf_jit=args.tf_jit),
-                               work / "logs", keras_env(backend), args.timeout)
-                if "error" not in r:
-                    keras_features[runner] = feats
-                res.add(dict(r, model=model, size=entry.input_size, runner=runner))
-            if not h5.is_file():  # no Keras run saved weights: ours runs on its own random init
-                h5_arg = "null"
-                res.note(f"{model}: no Keras weights file, ours ran with random init (no sanity guard)")
-            else:
-                h5_arg = str(h5)
-            for resize_on in args.resize_on:
-                _run_ours(res, args, common, work, h5_arg, keras_features, backends, policy, model, entry, resize_on)
+            keras_features: Dict[str, Path] = {}
+            keras_rounds: Dict[str, List[Dict[str, Any]]] = {}
+            ours_rounds: Dict[Any, List[Dict[str, Any]]] = {}
+            for round_ in range(args.rounds):  # runners alternate: a slow spell of the machine hits each alike
+                for i, backend in enumerate(backends):
+                    runner = KERAS_RUNNERS[backend]
+                    feats = work / f"{model}_{backend}_features.npy"
+                    r = run_worker(ROOT / "benchmarks" / "_keras.py",
+                                   dict(common, job="extract", runner=runner, save_h5=i == 0 and round_ == 0,
+                                        features=str(feats), policy=policy, tf_jit=args.tf_jit),
+                                   work / "logs", keras_env(backend), args.timeout)
+                    if "error" not in r:
+                        keras_features[runner] = feats
+                    keras_rounds.setdefault(runner, []).append(dict(r, model=model, size=entry.input_size,
+                                                                    runner=runner))
+                if not h5.is_file():  # no Keras run saved weights: ours runs on its own random init
+                    h5_arg = "null"
+                    if round_ == 0:
+                        res.note(f"{model}: no Keras weights file, ours ran with random init (no sanity guard)")
+                else:
+                    h5_arg = str(h5)
+                for resize_on in args.resize_on:
+                    ours_rounds.setdefault(resize_on, []).append(_run_ours(args, common, work, h5_arg, resize_on))
+            for rows in keras_rounds.values():  # Keras at its best round: its batches alone, its best case
+                res.add(best_round(rows, "batches_img_s", higher_is_better=True))
+            for rows in ours_rounds.values():
+                _add_ours(res, best_round(rows, "img_s", higher_is_better=True), keras_features, backends, policy,
+                          model, entry)
     finally:
         ref = "keras-jax" if "jax" in backends else "keras-tensorflow"
         res.print_table(

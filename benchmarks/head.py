@@ -30,8 +30,9 @@ from typing import Any, Dict, List
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, config_value, cuda_available,
-                      exit_on_sigterm, keras_backends, keras_env, run_worker, workdir, write_cifar10)  # noqa: E402
+from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, best_round, config_value,
+                      cuda_available, exit_on_sigterm, keras_backends, keras_env, run_worker, workdir,
+                      write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 CLASSES = 10
@@ -122,18 +123,6 @@ def ours_head(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
-def best_round(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The round with the lowest steady s/epoch (a failed round only if every round failed), with every round's
-    steady s/epoch in ``rounds_s``."""
-    ok = [r for r in rows if "error" not in r and r.get("steady_epoch_s") is not None]
-    if not ok:
-        return rows[-1]
-    best = dict(min(ok, key=lambda r: r["steady_epoch_s"]))
-    if len(rows) > 1:
-        best["rounds_s"] = [r.get("steady_epoch_s") for r in rows]
-    return best
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=50_000, help="training rows (2048-d); val: the config's split")
@@ -194,7 +183,7 @@ def main() -> None:
                 rounds.setdefault(runner, []).append(dict(r, case=f"{args.rows}x2048", runner=runner, policy=policy))
     finally:
         for rows in rounds.values():  # also after an interruption: the rounds that finished
-            res.add(best_round(rows))
+            res.add(best_round(rows, "steady_epoch_s", higher_is_better=False))
         res.print_table(f"Head training on cached features ({args.rows} x 2048, batch {batch}), s/epoch, {device}",
                         keys=["case"], metric="steady_epoch_s", unit="s/epoch", higher_is_better=False,
                         extra=[("ours precision", OURS, "precision", "s"), ("Keras policy", "keras-jax", "policy", "s"),

@@ -89,14 +89,53 @@ def test_head_benchmark_runs_the_cli_on_the_cache_it_wrote(tmp_path):
     assert r["val_acc"] > 0.5  # the synthetic features carry their class: the head learns them
 
 
-def test_head_benchmark_reports_each_runners_fastest_round():
-    head = _load("head")
+def test_benchmarks_report_each_runners_best_round():
+    harness = _load("_harness")
     rows = [{"runner": "ours", "steady_epoch_s": 2.6, "first_epoch_s": 3.0}, {"runner": "ours", "error": "killed"},
             {"runner": "ours", "steady_epoch_s": 1.9, "first_epoch_s": 2.9}]
-    best = head.best_round(rows)
-    assert best["steady_epoch_s"] == 1.9 and best["first_epoch_s"] == 2.9 and best["rounds_s"] == [2.6, None, 1.9]
-    assert head.best_round([{"runner": "ours", "steady_epoch_s": 2.0}]) == {"runner": "ours", "steady_epoch_s": 2.0}
-    assert head.best_round([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
+    best = harness.best_round(rows, "steady_epoch_s", higher_is_better=False)
+    assert best["steady_epoch_s"] == 1.9 and best["first_epoch_s"] == 2.9
+    assert best["rounds_steady_epoch_s"] == [2.6, None, 1.9]
+    rate = harness.best_round([{"img_s": 10.0}, {"img_s": 12.5}, {"img_s": 11.0}], "img_s", higher_is_better=True)
+    assert rate == {"img_s": 12.5, "rounds_img_s": [10.0, 12.5, 11.0]}
+    one = [{"runner": "ours", "steady_epoch_s": 2.0}]
+    assert harness.best_round(one, "steady_epoch_s", higher_is_better=False) == one[0]
+    assert harness.best_round([{"error": "a"}, {"error": "b"}], "img_s", higher_is_better=True) == {"error": "b"}
+
+
+def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, monkeypatch):
+    """``--rounds 3``: per model Keras-JAX, Keras-TF and ours run alternately 3 times (the weights file written once,
+    by the first Keras run); each runner's row is its best round (Keras by its batches alone), with all rounds
+    listed, and ours's ratios are taken against Keras's best rounds."""
+    extract = _load("extract")
+    calls = []
+    rates = {"keras-jax": [5.0, 6.0, 4.0], "keras-tensorflow": [8.0, 7.0, 9.0], "ours": [11.0, 12.0, 10.0]}
+
+    def fake_worker(script, spec, workdir, env=None, timeout=None):
+        runner = spec["runner"]
+        calls.append((runner, spec.get("save_h5")))
+        if spec.get("save_h5"):
+            Path(spec["h5"]).write_bytes(b"h5")
+        rate = rates[runner][sum(c[0] == runner for c in calls) - 1]
+        if runner == "ours":
+            return {"img_s": rate, "precision": "32-true"}
+        np.save(spec["features"], np.zeros((2, 4), np.float32))
+        return {"img_s": rate / 2, "batches_img_s": rate}
+
+    monkeypatch.setattr(extract, "run_worker", fake_worker)
+    monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", "3", "--n-images",
+                                      "20", "--batch", "4", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    extract.main()
+    assert [c[0] for c in calls] == ["keras-jax", "keras-tensorflow", "ours"] * 3
+    assert [c[1] for c in calls if c[0] != "ours"] == [True, False, False, False, False, False]
+    rows = {r["runner"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["keras-jax"]["batches_img_s"] == 6.0 and rows["keras-jax"]["rounds_batches_img_s"] == [5.0, 6.0, 4.0]
+    assert rows["keras-tensorflow"]["batches_img_s"] == 9.0
+    assert rows["ours"]["img_s"] == 12.0 and rows["ours"]["rounds_img_s"] == [11.0, 12.0, 10.0]
+    assert rows["ours"]["over_keras-jax_batches"] == pytest.approx(2.0)
+    assert rows["ours"]["over_keras-tensorflow_batches"] == pytest.approx(12.0 / 9.0)
 
 
 @pytest.mark.parametrize("size,resize_on", [(32, None), (40, "workers")])
