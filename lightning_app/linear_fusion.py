@@ -121,8 +121,10 @@ def fuse_linears(net: nn.Module, example: Tensor) -> int:
     """Replace, in ``net`` (in place; in eval mode), every ``nn.Linear`` by :class:`LinearAct`, taking the
     activation of its :func:`find_linear_act_pairs` pair (which becomes ``nn.Identity``); returns the number of
     Linear layers replaced."""
-    pairs = dict(find_linear_act_pairs(net, example))
     names = [n for n, m in net.named_modules() if type(m) is nn.Linear]
+    if not names:
+        return 0
+    pairs = dict(find_linear_act_pairs(net, example))
     for name in names:
         act_name = pairs.get(name)
         act = net.get_submodule(act_name) if act_name else None
