@@ -123,6 +123,7 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
         return {"img_s": rate / 2, "batches_img_s": rate}
 
     monkeypatch.setattr(extract, "run_worker", fake_worker)
+    monkeypatch.setattr(extract, "exit_on_sigterm", lambda: None)  # the driver's process-wide SIGTERM handler
     monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
     out = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", "3", "--n-images",
