@@ -25,7 +25,7 @@ from lightning_app.same_conv import same_conv_input
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 #: activation module type -> (oneDNN post-op name, its scalars, its algorithm, the aten op that reads the input)
-_POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], Optional[str], str]]] = {
+POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], Optional[str], str]]] = {
     nn.ReLU: lambda m: ("relu", [], None, "aten.relu"),
     nn.ReLU6: lambda m: ("hardtanh", [0.0, 6.0], None, "aten.hardtanh"),
     nn.Hardtanh: lambda m: ("hardtanh", [float(m.min_val), float(m.max_val)], None, "aten.hardtanh"),
@@ -59,7 +59,7 @@ class ConvAct2d(nn.Module):
     def __init__(self, conv: nn.Module, act: nn.Module) -> None:
         super().__init__()
         self.conv, self.act = conv, act
-        self.attr, self.scalars, self.algorithm, _ = _POST_OPS[type(act)](act)
+        self.attr, self.scalars, self.algorithm, _ = POST_OPS[type(act)](act)
         self.same = type(conv) is Conv2dSame
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,7 +84,7 @@ class ConvAct2d(nn.Module):
 def find_conv_act_pairs(net: nn.Module, example: Tensor) -> List[Tuple[str, str]]:
     """``(conv name, activation name)`` pairs of ``net`` where the activation is the sole reader of the
     convolution's output (each runs once; checked at the aten level by one forward of ``example``)."""
-    acts = {m: _POST_OPS[type(m)](m)[3] for m in net.modules() if type(m) in _POST_OPS}
+    acts = {m: POST_OPS[type(m)](m)[3] for m in net.modules() if type(m) in POST_OPS}
     return trace_producer_consumer_pairs(net, example, producer=fusable_conv, consumer=lambda m: m in acts,
                                          op=lambda m: acts[m])[0]
 
@@ -101,4 +101,4 @@ def fuse_conv_activations(net: nn.Module, example: Tensor) -> int:
     return len(pairs)
 
 
-__all__ = ["ConvAct2d", "available", "find_conv_act_pairs", "fusable_conv", "fuse_conv_activations"]
+__all__ = ["ConvAct2d", "POST_OPS", "available", "find_conv_act_pairs", "fusable_conv", "fuse_conv_activations"]

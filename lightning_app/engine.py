@@ -485,9 +485,9 @@ class InferenceEngine(nn.Module):
         self.status = f"eager, BatchNorm folded {folded.num_folded}/{n_bn}"
         if fused > 0:
             self.status += f", {fused} convolution + activation pairs fused"
-        if fused >= 0 and self._n_linear:
+        if self._n_linear:  # both 0 when fusing was undone
             self.status += f", {self._n_linear} linear layers on oneDNN"
-        if fused >= 0 and self._n_residual:
+        if self._n_residual:
             self.status += f", {self._n_residual} residual adds fused"
         if restructured:
             self.status += f", {restructured} modules restructured"
@@ -506,7 +506,6 @@ class InferenceEngine(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             reference = folded.net(self._prepare(example.clone()))
             fused = conv_fusion.fuse_conv_activations(folded.net, self._prepare(example.clone()))
-            self._n_linear = 0
             if linear_fusion.onednn_linear_faster():
                 self._n_linear = linear_fusion.fuse_linears(folded.net, self._prepare(example.clone()))
             self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net, self._prepare(example.clone())))

@@ -220,7 +220,7 @@ class LeanHeadSteps(EagerHeadSteps):
     def _weight_grad(self, a: torch.Tensor, g: torch.Tensor, lin: nn.Linear) -> None:
         """``lin.weight.grad = g^T a`` in place (``a [b, in]``, ``g [b, out]``)."""
         if self._use_onednn(a.shape[0], lin):  # (g^T a)^T = a^T g: [in, out], the kernel layout's memory
-            _copy_into(linear_fusion.linear(a.t(), g.t(), None), lin.weight.grad)
+            lin.weight.grad.copy_(linear_fusion.linear(a.t(), g.t(), None).t())
         else:
             _mm_into(g.t(), a, lin.weight.grad)
 
@@ -299,11 +299,6 @@ def kernel_layout(t: torch.Tensor) -> torch.Tensor:
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The contiguous view of a contiguous or :func:`kernel_layout` tensor (same memory, maybe transposed)."""
     return t if t.is_contiguous() else t.t()
-
-
-def _copy_into(grad_t: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = grad_t^T`` in place, ``out`` contiguous or in :func:`kernel_layout` (then a straight copy)."""
-    (out.t() if not out.is_contiguous() else out).copy_(grad_t if not out.is_contiguous() else grad_t.t())
 
 
 def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:

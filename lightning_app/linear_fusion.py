@@ -23,20 +23,19 @@ import torch.nn as nn
 from timm.layers.activations import GELU as TimmGELU, GELUTanh as TimmGELUTanh
 from torch import Tensor
 
+from lightning_app import conv_fusion
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 #: oneDNN must be at least this much faster than MKL on the calibration product for Linear layers to move to it
 MIN_SPEEDUP = 1.1
 
-#: activation module type -> (oneDNN post-op name, its scalars, its algorithm, the aten op that reads the input)
-_POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], str, str]]] = {
-    nn.ReLU: lambda m: ("relu", [], "", "aten.relu"),
+#: activation module type -> (oneDNN post-op name, its scalars, its algorithm, the aten op that reads the input):
+#: the convolutions' post-ops, and GELU (ConvNeXt's MLP)
+POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], Optional[str], str]]] = {
+    **conv_fusion.POST_OPS,
     nn.GELU: lambda m: ("gelu", [], m.approximate, "aten.gelu"),
     TimmGELU: lambda m: ("gelu", [], "none", "aten.gelu"),
     TimmGELUTanh: lambda m: ("gelu", [], "tanh", "aten.gelu"),
-    nn.SiLU: lambda m: ("swish", [], "", "aten.silu"),
-    nn.Hardswish: lambda m: ("hardswish", [], "", "aten.hardswish"),
-    nn.Sigmoid: lambda m: ("sigmoid", [], "", "aten.sigmoid"),
 }
 
 
@@ -72,7 +71,7 @@ def onednn_linear_faster(repeats: int = 5) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str = "none", scalars: Optional[List[Any]] = None,
-           algorithm: str = "") -> Tensor:
+           algorithm: Optional[str] = None) -> Tensor:
     """``act(x @ weight^T + bias)`` in one oneDNN call: ``x [*, in]``, ``weight [out, in]`` -> ``[*, out]``; float32
     CPU tensors, no autograd. ``attr`` names the post-op (``"none"``, ``"relu"``, ``"gelu"`` ...)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars or [], algorithm)
@@ -92,8 +91,8 @@ class LinearAct(nn.Module):
     def __init__(self, lin: nn.Linear, act: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.lin, self.act = lin, act
-        self.attr, self.scalars, self.algorithm, _ = _POST_OPS[type(act)](act) if act is not None else \
-            ("none", [], "", "")
+        self.attr, self.scalars, self.algorithm, _ = POST_OPS[type(act)](act) if act is not None else \
+            ("none", [], None, "")
 
     def forward(self, x: Tensor) -> Tensor:
         lin = self.lin
@@ -111,7 +110,7 @@ class LinearAct(nn.Module):
 def find_linear_act_pairs(net: nn.Module, example: Tensor) -> List[Tuple[str, str]]:
     """``(linear name, activation name)`` pairs of ``net`` where the activation is the sole reader of the Linear's
     output (each runs once; checked at the aten level by one forward of ``example``)."""
-    acts = {m: _POST_OPS[type(m)](m)[3] for m in net.modules() if type(m) in _POST_OPS}
+    acts = {m: POST_OPS[type(m)](m)[3] for m in net.modules() if type(m) in POST_OPS}
     return trace_producer_consumer_pairs(net, example, producer=lambda m: type(m) is nn.Linear,
                                          consumer=lambda m: m in acts, op=lambda m: acts[m])[0]
 
@@ -134,5 +133,5 @@ def fuse_linears(net: nn.Module, example: Tensor) -> int:
     return len(names)
 
 
-__all__ = ["LinearAct", "MIN_SPEEDUP", "available", "find_linear_act_pairs", "fuse_linears", "linear",
+__all__ = ["LinearAct", "MIN_SPEEDUP", "POST_OPS", "available", "find_linear_act_pairs", "fuse_linears", "linear",
            "onednn_linear_faster"]

@@ -30,11 +30,9 @@ import torch
 import torch.nn as nn
 from timm.models.resnet import Bottleneck
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lightning_app.module_swap import Replaced, replace_modules
-from lightning_app.tracing import run_hooked
+from lightning_app.tracing import ConsumerLog, run_hooked, storage_key
 from lightning_app.zoo.families.resnet_v2 import KerasPreActBottleneck
 
 
@@ -140,43 +138,28 @@ def conv_add_act_(other: Tensor, x: Tensor, conv: nn.Conv2d, attr: Optional[str]
         "add", 1.0, attr, [], None)
 
 
-class _ReadsAfter(TorchDispatchMode):
-    """Records which watched storages (data pointer -> block name) aten operations read once marked closed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed: Dict[int, str] = {}
-        self.read_after: Set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
-        for t in tree_leaves((args, kwargs or {})):
-            if isinstance(t, Tensor) and self.closed and t.untyped_storage().data_ptr() in self.closed:
-                self.read_after.add(self.closed[t.untyped_storage().data_ptr()])
-        return func(*args, **(kwargs or {}))
-
-
 def _inputs_free_after_block(net: nn.Module, example: Tensor, blocks: Dict[nn.Module, str]) -> Set[str]:
     """Names of ``blocks`` whose input storage nothing reads after the block returns (one forward of ``example``;
     the network's input never qualifies). Inputs are kept alive during the trace so no storage is reused."""
-    log, keep, free = _ReadsAfter(), [], set(blocks.values())
-    example_ptr = example.untyped_storage().data_ptr()
+    closed: Dict[int, str] = {}  # storage of a returned block's input -> the block: reads from now on count
+    log, keep, free = ConsumerLog(closed, key=storage_key), [], set(blocks.values())
 
     def before(mod: nn.Module, args: Any) -> None:
         x = args[0] if args else None
-        if not isinstance(x, Tensor) or x.untyped_storage().data_ptr() == example_ptr:
+        if not isinstance(x, Tensor) or storage_key(x) == storage_key(example):
             free.discard(blocks[mod])
         else:
             keep.append(x)
 
     def after(mod: nn.Module, args: Any, out: Any) -> None:
         if args and isinstance(args[0], Tensor):
-            log.closed[args[0].untyped_storage().data_ptr()] = blocks[mod]
+            closed[storage_key(args[0])] = blocks[mod]
 
     handles = [m.register_forward_pre_hook(before) for m in blocks]
     handles += [m.register_forward_hook(after) for m in blocks]
     with log:
         run_hooked(net, example, handles)
-    return free - log.read_after
+    return free - {closed[k] for k in log.uses}
 
 
 def fuse_residual_blocks(net: nn.Module, example: Tensor) -> Replaced:

@@ -22,19 +22,27 @@ def run_hooked(net: nn.Module, example: Tensor, handles: List[Any]) -> Any:
             h.remove()
 
 
-class ConsumerLog(TorchDispatchMode):
-    """Records, for tensors registered in ``watched`` (``id`` -> name), every aten operation that reads them."""
+def storage_key(t: Tensor) -> int:
+    """Where ``t``'s memory lives: every view of one storage has the same key."""
+    return t.untyped_storage().data_ptr()
 
-    def __init__(self, watched: Dict[int, str]) -> None:
+
+class ConsumerLog(TorchDispatchMode):
+    """Records, for tensors registered in ``watched`` (``key(tensor)`` -> name; ``id`` by default, or
+    :func:`storage_key` to count reads of any view of the same memory), every aten operation that reads them.
+    ``watched`` may grow while the mode is active: it is read at every operation."""
+
+    def __init__(self, watched: Dict[int, str], key: Callable[[Tensor], int] = id) -> None:
         super().__init__()
-        self.watched = watched
+        self.watched, self.key = watched, key
         self.uses: Dict[int, List[str]] = defaultdict(list)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
         kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, Tensor) and id(t) in self.watched:
-                self.uses[id(t)].append(str(func))
+        if self.watched:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor) and self.key(t) in self.watched:
+                    self.uses[self.key(t)].append(str(func))
         return func(*args, **kwargs)
 
 
@@ -98,4 +106,4 @@ def trace_producer_consumer_pairs(net: nn.Module, example: Tensor, producer: Cal
     return pairs, output
 
 
-__all__ = ["ConsumerLog", "trace_producer_consumer_pairs"]
+__all__ = ["ConsumerLog", "run_hooked", "storage_key", "trace_producer_consumer_pairs"]

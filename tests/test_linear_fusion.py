@@ -28,8 +28,8 @@ def onednn_calls(monkeypatch):
     return calls
 
 
-ACTS = [nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), TimmGELU(), TimmGELUTanh(), nn.SiLU(), nn.Hardswish(),
-        nn.Sigmoid(), None]
+ACTS = [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 2.0), nn.GELU(), nn.GELU(approximate="tanh"), TimmGELU(),
+        TimmGELUTanh(), nn.SiLU(), nn.Hardswish(), nn.Sigmoid(), None]
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__ + getattr(a, "approximate", ""))
