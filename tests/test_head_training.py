@@ -353,6 +353,41 @@ def test_lean_step_equals_autograd_for_every_head_layout(monkeypatch, hidden, dr
         torch.testing.assert_close(w_lean[k], w_eager[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["mixed-dropout", "uneven-step-counts"])
+def test_lean_step_fallbacks_equal_autograd(case):
+    """The written-out step's per-chunk shortcuts have fallbacks, each checked against autograd: dropout layers with
+    different ``p`` draw their masks step by step (not one draw per chunk), and parameters whose Adam step counts
+    differ are counted one by one (not with one shared counter)."""
+    from lightning_app.dropout import Dropout
+
+    feats, labels = features(n=70, dim=24)
+    runs = []
+    for runner_cls in (LeanHeadSteps, EagerHeadSteps):
+        torch.manual_seed(0)
+        p = (0.1, 0.4) if case == "mixed-dropout" else (0.2, 0.2)
+        head = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), Dropout(p[0]), torch.nn.Linear(16, 8),
+                                   torch.nn.ReLU(), Dropout(p[1]), torch.nn.Linear(8, 4)).train()
+        optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
+        runner = (runner_cls(head, 0.0, optim) if runner_cls is LeanHeadSteps
+                  else runner_cls(head, F.cross_entropy, optim))
+        loader = FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)
+        torch.manual_seed(7)
+        losses = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            for i, chunk in enumerate(loader):
+                losses += runner.run(chunk).losses.tolist()
+                if case == "uneven-step-counts" and epoch == 0 and i == 0:
+                    optim.state[head[3].bias]["step"].add_(5)  # as if this bias had been trained 5 steps longer
+        runs.append((losses, {k: v.clone() for k, v in head.state_dict().items()},
+                     [st["step"].item() for st in optim.state.values()]))
+    (l_lean, w_lean, s_lean), (l_eager, w_eager, s_eager) = runs
+    assert s_lean == s_eager and len(set(s_lean)) == (2 if case == "uneven-step-counts" else 1)
+    np.testing.assert_allclose(l_lean, l_eager, rtol=1e-5, atol=1e-6)
+    for k in w_eager:
+        torch.testing.assert_close(w_lean[k], w_eager[k], rtol=1e-5, atol=1e-6)
+
+
 def test_lean_steps_keep_keras_kernel_layout_and_resume_from_a_checkpoint():
     """The written-out step stores each weight, gradient and Adam moment as ``[in, out]`` in memory (the fast GEMM
     layout), hands the fused kernel contiguous views of that memory (no copies), and a checkpoint written in that
