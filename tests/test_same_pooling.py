@@ -15,8 +15,10 @@ SIZES = [(8, 8), (9, 9), (10, 11), (11, 10), (7, 12), (2, 3), (1, 1)]
 
 
 @pytest.mark.parametrize("hw", SIZES)
-@pytest.mark.parametrize("kernel,stride", [(3, 2), (3, 1), (2, 2), (5, 2)])
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (3, 1), (2, 2), (5, 2), (2, 1), (4, 1)])
 def test_same_pools_equal_the_explicitly_padded_ones(hw, kernel, stride):
+    """Every kind, size parity, window and stride (even windows at stride 1 pad after only, which torch's implicit
+    padding cannot express: those pad explicitly); 5 channels in channels_last take the separable max path."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, *hw) - 0.5  # many negatives: zero padding wins the max at the border
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -32,6 +34,28 @@ def test_same_pools_equal_the_explicitly_padded_ones(hw, kernel, stride):
         out = SamePool2d("avg", k, s)(inp)
         assert out.shape == refs["avg"].shape and torch.allclose(out, refs["avg"], rtol=1e-6, atol=1e-7)
     assert refs["max -inf"].shape[-2:] == tuple(-(-n // stride) for n in hw)  # ceil(H / s): TF's output size
+
+
+@pytest.mark.parametrize("channels,separable", [(11, True), (22, True), (16, False), (40, False)])
+def test_few_channels_last_max_pools_run_separably_and_equal(monkeypatch, channels, separable):
+    """channels_last max pools over fewer than MAX_SEPARABLE_CHANNELS channels (not a multiple of 16) run as column
+    then row maxima (torch's channels_last kernel fills its vectors poorly there), bit-identical, NaN included;
+    other channel counts and NCHW keep torch's pool."""
+    from lightning_app import same_pooling
+
+    calls = []
+    real = same_pooling.separable_max_pool2d
+    monkeypatch.setattr(same_pooling, "separable_max_pool2d", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, 15, 16) - 0.5
+    x[1, 3, 7, 8] = float("nan")
+    for pad_value in (0.0, float("-inf")):
+        ref = F.max_pool2d(pad_same(x, (3, 3), (2, 2), value=pad_value), 3, 2)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = SamePool2d("max", (3, 3), (2, 2), pad_value=pad_value)(inp)
+            assert torch.equal(out.nan_to_num(9.0), ref.nan_to_num(9.0)) and torch.equal(out.isnan(), ref.isnan())
+            assert out.is_contiguous(memory_format=torch.channels_last) == (inp is not x)
+    assert len(calls) == 2 * separable  # channels_last only, once per pad value
 
 
 def test_zero_padding_wins_the_max_exactly_where_windows_reach_it():
