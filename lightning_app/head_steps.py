@@ -211,8 +211,9 @@ class LeanHeadSteps(EagerHeadSteps):
             self._use_kernel_layout()
             self._groups = self._adam_groups()
             return logits, loss
-        with torch.no_grad():
-            logits = self._step(x, y)
+        with torch.no_grad():  # one step outside :meth:`run` (which calls ``_step`` itself)
+            neg_q = target_grads(y, (x.shape[0],), self.out.out_features, self.label_smoothing)
+            logits = self._step(x, neg_q)
             return logits, F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def run(self, chunk: FeatureChunk) -> StepResult:
@@ -264,7 +265,7 @@ class LeanHeadSteps(EagerHeadSteps):
     def _weight_grad(self, a: torch.Tensor, g: torch.Tensor, lin: nn.Linear) -> None:
         """The gradient ``g^T a`` of ``lin.weight`` (``a [b, in]``, ``g [b, out]``): written into ``weight.grad``
         (MKL), or held in ``self._fresh`` for the Adam update (oneDNN: a new ``[in, out]`` tensor, the memory of
-        the kernel layout; copied into ``weight.grad`` once per chunk by :meth:`run`, not once per step)."""
+        the kernel layout; copied into ``weight.grad`` once per chunk by :meth:`_end_chunk`, not once per step)."""
         if self._use_onednn(a.shape[0], lin):  # (g^T a)^T = a^T g: [in, out]
             self._fresh[lin.weight] = linear_fusion.linear(transposed(a), g.t(), None)
         else:

@@ -67,9 +67,10 @@ def same_pool2d(x: Tensor, kind: str, kernel_size: Sequence[int], stride: Sequen
         if not implicit:
             return F.avg_pool2d(F.pad(x, (pl, pr, pt, pb)), (kh, kw), (sh, sw))
         return F.avg_pool2d(x, (kh, kw), (sh, sw), (pt, pl), ceil, True, kh * kw)
-    if not implicit or _few_channels_last(x):
+    separable = _few_channels_last(x)
+    if not implicit or separable:
         padded = F.pad(x, (pl, pr, pt, pb), value=pad_value)
-        if _few_channels_last(x):
+        if separable:
             return separable_max_pool2d(padded, (kh, kw), (sh, sw))
         return F.max_pool2d(padded, (kh, kw), (sh, sw))
     out = F.max_pool2d(x, (kh, kw), (sh, sw), (pt, pl), 1, ceil)

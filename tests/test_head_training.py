@@ -495,3 +495,23 @@ def test_matmul_limit_times_the_steps_products_in_float32(monkeypatch):
     assert head_steps.matmul_limit(head, 8, "cpu", repeats=1, inner=2) > 0
     assert seen and all(d == (torch.float32, torch.float32) for d in seen)
     assert head_steps._captured(lambda: None, torch.device("cpu"), 2) is None  # no CUDA: no graph, plain calls
+
+
+def test_lean_step_called_directly_equals_autograd():
+    """``LeanHeadSteps.step`` outside ``run`` (after its first, ordinary step) takes the written-out path with its
+    own loss-gradient targets: same loss and weights as autograd, label smoothing included."""
+    from lightning_app.module import build_head
+
+    results = []
+    for cls in (LeanHeadSteps, EagerHeadSteps):
+        torch.manual_seed(0)
+        head = build_head(24, [16], 0.0, 4).train()
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
+        runner = (cls(head, 0.1, opt) if cls is LeanHeadSteps
+                  else cls(head, lambda lg, y: F.cross_entropy(lg, y, label_smoothing=0.1), opt))
+        torch.manual_seed(1)
+        x, y = torch.randn(8, 24), torch.randint(0, 4, (8,))
+        losses = [runner.step(x, y)[1].item() for _ in range(3)]
+        results.append((losses, head[0].weight.detach().clone()))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
