@@ -18,10 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import Conv2dSame
 from torch import Tensor
 
-from lightning_app.same_conv import same_conv_input
+from lightning_app.same_conv import conv_operands, explicit_pads, pads_explicitly
 from lightning_app.tracing import trace_producer_consumer_pairs
 
 #: activation module type -> (oneDNN post-op name, its scalars, its algorithm, the aten op that reads the input)
@@ -36,9 +35,10 @@ POST_OPS: Dict[type, Callable[[nn.Module], Tuple[str, List[Any], Optional[str], 
 
 
 def fusable_conv(m: nn.Module) -> bool:
-    """A 2-d convolution :class:`ConvAct2d` can run: ``nn.Conv2d`` with zero padding given as numbers, or timm's
-    ``Conv2dSame`` (TensorFlow's ``"same"`` padding, computed per input as timm does)."""
-    if type(m) is Conv2dSame:
+    """A 2-d convolution :class:`ConvAct2d` can run: ``nn.Conv2d`` with zero padding given as numbers, or one that
+    pads its input explicitly (:func:`lightning_app.same_conv.pads_explicitly`: timm's ``Conv2dSame``, TensorFlow's
+    ``"same"`` padding computed per input as timm does, or a ``ZeroPadding2D`` + ``"valid"`` convolution)."""
+    if pads_explicitly(m):
         return True
     return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
@@ -60,7 +60,7 @@ class ConvAct2d(nn.Module):
         super().__init__()
         self.conv, self.act = conv, act
         self.attr, self.scalars, self.algorithm, _ = POST_OPS[type(act)](act)
-        self.same = type(conv) is Conv2dSame
+        self.padded, self.pads = pads_explicitly(conv), explicit_pads(conv)  # pads None: TF "same"
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
@@ -68,12 +68,12 @@ class ConvAct2d(nn.Module):
                 or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
                 or torch.is_autocast_enabled("cpu")):
             return self.act(conv(x))
-        padding = conv.padding
-        if self.same:
-            x, padding = same_conv_input(x, conv.weight.shape[-2:], conv.stride, conv.dilation)
+        padding, weight = conv.padding, conv.weight
+        if self.padded:
+            x, weight, padding = conv_operands(conv, x, self.pads)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
-        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(padding), list(conv.stride),
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, list(padding), list(conv.stride),
                                                        list(conv.dilation), conv.groups, self.attr, self.scalars,
                                                        self.algorithm)
 

@@ -10,6 +10,7 @@ from timm.layers import Conv2dSame
 from lightning_app import conv_fusion
 from lightning_app.conv_fusion import ConvAct2d, find_conv_act_pairs, fuse_conv_activations
 from lightning_app.engine import InferenceEngine, relative_error
+from lightning_app.zoo.families.mobilenet import ZeroPadConv2d
 
 pytestmark = pytest.mark.skipif(not conv_fusion.available(), reason="this PyTorch build has no oneDNN fused conv")
 
@@ -19,18 +20,25 @@ ACTS = [nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid, lambda: nn.Hardtan
 def _conv(kind: str) -> nn.Module:
     if kind == "same":  # TensorFlow "same" padding, stride 2: padded asymmetrically
         return Conv2dSame(6, 8, 3, stride=2)
+    if kind == "same_depthwise":  # its uneven split pads the kernel, not the input
+        return Conv2dSame(6, 6, 5, stride=2, groups=6)
+    if kind == "zeropad_depthwise":  # Keras MobileNet's ZeroPadding2D(((0, 1), (0, 1))) + "valid"
+        return ZeroPadConv2d(6, 6, 3, stride=2, groups=6)
+    if kind == "zeropad_dense":
+        return ZeroPadConv2d(6, 8, 3, stride=2, pad=(1, 0, 0, 1))
     if kind == "depthwise":
         return nn.Conv2d(6, 6, 3, padding=1, groups=6)
     return nn.Conv2d(6, 8, (1, 3), padding=(0, 1), bias=False)
 
 
-@pytest.mark.parametrize("kind", ["plain", "same", "depthwise"])
+@pytest.mark.parametrize("kind", ["plain", "same", "depthwise", "same_depthwise", "zeropad_depthwise",
+                                  "zeropad_dense"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_pair_computes_what_the_two_modules_compute(kind, act, channels_last):
     torch.manual_seed(0)
     net = nn.Sequential(_conv(kind), act()).eval()
-    x = torch.randn(3, 6, 11, 13) * 2
+    x = torch.randn(3, 6, 12, 13) * 2  # "same" at stride 2: 12 splits unevenly, 13 evenly
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
