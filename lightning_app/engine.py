@@ -14,9 +14,10 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
 * **Restructured**: DenseNet transitions pool before their 1x1 convolution, TF-"same" pools pad implicitly
   (:mod:`lightning_app.same_pooling`); on the CPU in float32 also DenseNet
   blocks run into one feature buffer instead of a concatenation before every layer (:mod:`lightning_app.
-  dense_blocks`), TF-"same" convolutions skip the zero-filled copy of their input (:mod:`lightning_app.same_conv`)
-  and a stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs once
-  (:mod:`lightning_app.dedup`); checked against the copy before.
+  dense_blocks`), TF-"same" convolutions skip the zero-filled copy of their input (:mod:`lightning_app.same_conv`),
+  a stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs once
+  (:mod:`lightning_app.dedup`) and squeeze-and-excitation gates scale their input in place
+  (:mod:`lightning_app.squeeze_excite`); checked against the copy before.
 * **Winograd convolutions** on the CPU in float32, eager, for batches of 8 or more: a network whose multiply-adds are
   mostly in large 3x3 convolutions (the VGGs) runs them through NNPACK's Winograd kernels, in NCHW
   (:mod:`lightning_app.winograd`; AVX2 CPUs); checked against the copy before.
@@ -56,7 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_app import (conv_fusion, dedup, dense_blocks, linear_fusion, residual_fusion, same_conv, same_pooling,
-                           winograd)
+                           squeeze_excite, winograd)
 from lightning_app.module_swap import restore_modules
 from lightning_app.tracing import trace_producer_consumer_pairs
 
@@ -105,8 +106,9 @@ class InferenceOptions:
             building the padded input (:mod:`lightning_app.same_pooling`); on the CPU in float32 also run DenseNet
             blocks into one buffer instead of concatenating before every layer (:mod:`lightning_app.dense_blocks`),
             pad TF-"same" convolutions implicitly where the split is even and by one zeroed row / column where it
-            is not (:mod:`lightning_app.same_conv`), and compute a repeated stateless operation on one tensor once
-            (NASNet's ReLUs and pools, :mod:`lightning_app.dedup`).
+            is not (a depthwise one by a zero tap of its kernel; :mod:`lightning_app.same_conv`), compute a repeated
+            stateless operation on one tensor once (NASNet's ReLUs and pools, :mod:`lightning_app.dedup`), and
+            scale by a squeeze-and-excitation gate in place (:mod:`lightning_app.squeeze_excite`).
         winograd: on the CPU in float32, eager, run a network whose multiply-adds are mostly in large 3x3
             convolutions (the VGGs) through NNPACK's Winograd kernels, in NCHW (:mod:`lightning_app.winograd`;
             AVX2 CPUs only).
@@ -524,8 +526,9 @@ class InferenceEngine(nn.Module):
         (fewer multiply-adds, compiled or not) and TF-"same" pools pad implicitly (:mod:`lightning_app.
         same_pooling`); where the engine runs eagerly in float32 on the CPU, also DenseNet
         blocks into one buffer (:mod:`lightning_app.dense_blocks`), TF-"same" convolutions without a zero-filled
-        copy of their input (:mod:`lightning_app.same_conv`) and repeated stateless operations on one tensor
-        once (:mod:`lightning_app.dedup`; compiled graphs do both themselves). Checked against the copy before in
+        copy of their input (:mod:`lightning_app.same_conv`), repeated stateless operations on one tensor
+        once (:mod:`lightning_app.dedup`; compiled graphs do both themselves) and squeeze-and-excitation gates in
+        place (:mod:`lightning_app.squeeze_excite`). Checked against the copy before in
         float32, like the fold. The number of modules replaced (0 when none, or when the output changed beyond
         ``FOLD_TOLERANCE``: then put back as it was, logged)."""
         if not self.options.restructure:
@@ -540,6 +543,7 @@ class InferenceEngine(nn.Module):
             if eager_cpu:
                 replaced += same_conv.replace_same_convs(folded.net, skip_inside=(conv_fusion.ConvAct2d,))
                 replaced += dedup.deduplicate(folded.net, example.clone())
+                replaced += squeeze_excite.replace_squeeze_excite(folded.net, example.clone())
             if not replaced:
                 return 0
             err = relative_error(folded.net(example.clone()), reference)

@@ -24,7 +24,7 @@ mode).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from timm.models.resnet import Bottleneck
 from torch import Tensor
 
 from lightning_app.module_swap import Replaced, replace_modules
-from lightning_app.tracing import ConsumerLog, run_hooked, storage_key
+from lightning_app.tracing import inputs_free_after
 from lightning_app.zoo.families.resnet_v2 import KerasPreActBottleneck
 
 
@@ -138,37 +138,13 @@ def conv_add_act_(other: Tensor, x: Tensor, conv: nn.Conv2d, attr: Optional[str]
         "add", 1.0, attr, [], None)
 
 
-def _inputs_free_after_block(net: nn.Module, example: Tensor, blocks: Dict[nn.Module, str]) -> Set[str]:
-    """Names of ``blocks`` whose input storage nothing reads after the block returns (one forward of ``example``;
-    the network's input never qualifies). Inputs are kept alive during the trace so no storage is reused."""
-    closed: Dict[int, str] = {}  # storage of a returned block's input -> the block: reads from now on count
-    log, keep, free = ConsumerLog(closed, key=storage_key), [], set(blocks.values())
-
-    def before(mod: nn.Module, args: Any) -> None:
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or storage_key(x) == storage_key(example):
-            free.discard(blocks[mod])
-        else:
-            keep.append(x)
-
-    def after(mod: nn.Module, args: Any, out: Any) -> None:
-        if args and isinstance(args[0], Tensor):
-            closed[storage_key(args[0])] = blocks[mod]
-
-    handles = [m.register_forward_pre_hook(before) for m in blocks]
-    handles += [m.register_forward_hook(after) for m in blocks]
-    with log:
-        run_hooked(net, example, handles)
-    return free - {closed[k] for k in log.uses}
-
-
 def fuse_residual_blocks(net: nn.Module, example: Tensor) -> Replaced:
     """Replace every :func:`fusable_bottleneck` block of ``net`` (in place) by :class:`FusedBottleneck`, those with
     an identity shortcut only where a forward of ``example`` shows that nothing reads their input after them (module
     docstring); returns what was replaced (:func:`lightning_app.module_swap.restore_modules` puts it back)."""
     candidates = {m: n for n, m in net.named_modules() if fusable_bottleneck(m)}
     identity = {m: n for m, n in candidates.items() if _identity_shortcut(m)}
-    free = _inputs_free_after_block(net, example, identity) if identity else set()
+    free = inputs_free_after(net, example, identity) if identity else set()
     chosen = {m for m, n in candidates.items() if m not in identity or n in free}
     return replace_modules(net, lambda name, m: FusedBottleneck(m) if m in chosen else None)
 

@@ -3,7 +3,7 @@ convolution + activation fusion both need "B is the sole reader of A's output").
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -106,4 +106,29 @@ def trace_producer_consumer_pairs(net: nn.Module, example: Tensor, producer: Cal
     return pairs, output
 
 
-__all__ = ["ConsumerLog", "run_hooked", "storage_key", "trace_producer_consumer_pairs"]
+def inputs_free_after(net: nn.Module, example: Tensor, blocks: Dict[nn.Module, str]) -> Set[str]:
+    """Names of ``blocks`` (module -> name) whose input storage nothing reads after the block returns, so the block
+    may overwrite its input (one forward of ``example``; the network's input never qualifies). Inputs are kept alive
+    during the trace so no storage is reused."""
+    closed: Dict[int, str] = {}  # storage of a returned block's input -> the block: reads from now on count
+    log, keep, free = ConsumerLog(closed, key=storage_key), [], set(blocks.values())
+
+    def before(mod: nn.Module, args: Any) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or storage_key(x) == storage_key(example):
+            free.discard(blocks[mod])
+        else:
+            keep.append(x)
+
+    def after(mod: nn.Module, args: Any, out: Any) -> None:
+        if args and isinstance(args[0], Tensor):
+            closed[storage_key(args[0])] = blocks[mod]
+
+    handles = [m.register_forward_pre_hook(before) for m in blocks]
+    handles += [m.register_forward_hook(after) for m in blocks]
+    with log:
+        run_hooked(net, example, handles)
+    return free - {closed[k] for k in log.uses}
+
+
+__all__ = ["ConsumerLog", "inputs_free_after", "run_hooked", "storage_key", "trace_producer_consumer_pairs"]
