@@ -57,7 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_app import (conv_fusion, dedup, dense_blocks, linear_fusion, residual_fusion, same_conv, same_pooling,
-                           squeeze_excite, winograd)
+                           squeeze_excite, subsample, winograd)
 from lightning_app.module_swap import restore_modules
 from lightning_app.tracing import trace_producer_consumer_pairs
 
@@ -542,6 +542,7 @@ class InferenceEngine(nn.Module):
             replaced += same_pooling.replace_same_pools(folded.net)
             if eager_cpu:
                 replaced += same_conv.replace_same_convs(folded.net, skip_inside=(conv_fusion.ConvAct2d,))
+                replaced += subsample.replace_subsamples(folded.net)
                 replaced += dedup.deduplicate(folded.net, example.clone())
                 replaced += squeeze_excite.replace_squeeze_excite(folded.net, example.clone())
             if not replaced:
