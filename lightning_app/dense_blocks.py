@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_app.conv_fusion import ConvAct2d
 from lightning_app.module_swap import Replaced, replace_modules
 
 
@@ -131,10 +132,17 @@ class BufferedDenseBlock(nn.Module):
         return buf
 
 
+def _bare_conv(m: nn.Module) -> nn.Module:
+    """The convolution of a :class:`~lightning_app.conv_fusion.ConvAct2d` without activation (a convolution alone,
+    for its reordered weight), else ``m``."""
+    return m.conv if type(m) is ConvAct2d and m.act is None else m
+
+
 def pool_before_pointwise_conv(seq: nn.Module) -> Optional[nn.Sequential]:
     """``seq`` (an ``nn.Sequential``, e.g. timm's ``DenseTransition``) with every ``1x1 convolution -> 2-d average
     pool`` pair of consecutive children swapped, or ``None`` when it has none. Only pairs that commute exactly in
-    real arithmetic: a stride-1, unpadded, undilated 1x1 ``nn.Conv2d``, an unpadded ``nn.AvgPool2d`` without
+    real arithmetic: a stride-1, unpadded, undilated 1x1 ``nn.Conv2d`` (alone or in a ``ConvAct2d`` without
+    activation), an unpadded ``nn.AvgPool2d`` without
     ``divisor_override``."""
     if not isinstance(seq, nn.Sequential):
         return None
@@ -143,12 +151,12 @@ def pool_before_pointwise_conv(seq: nn.Module) -> Optional[nn.Sequential]:
     swapped = False
     i = 0
     while i < len(mods) - 1:
-        conv, pool = mods[i], mods[i + 1]
+        conv, pool = _bare_conv(mods[i]), mods[i + 1]
         if (type(conv) is nn.Conv2d and tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
                 and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)
                 and type(pool) is nn.AvgPool2d and pool.padding in (0, (0, 0)) and pool.divisor_override is None):
             names[i], names[i + 1] = names[i + 1], names[i]
-            mods[i], mods[i + 1] = pool, conv
+            mods[i], mods[i + 1] = pool, mods[i]
             swapped = True
             i += 2
         else:

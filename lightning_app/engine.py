@@ -511,7 +511,8 @@ class InferenceEngine(nn.Module):
             if linear_fusion.onednn_linear_faster():
                 self._n_linear = linear_fusion.fuse_linears(folded.net, self._prepare(example.clone()))
             self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net, self._prepare(example.clone())))
-            if not fused and not self._n_linear and not self._n_residual:
+            wrapped = conv_fusion.wrap_convolutions(folded.net, skip_inside=(residual_fusion.FusedBottleneck,))
+            if not fused and not self._n_linear and not self._n_residual and not wrapped:
                 return 0
             err = relative_error(folded.net(self._prepare(example.clone())), reference)
         if err > FOLD_TOLERANCE:

@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.models.resnet import Bottleneck
 from torch import Tensor
 
+from lightning_app.conv_fusion import ReorderedWeight
 from lightning_app.module_swap import Replaced, replace_modules
 from lightning_app.tracing import inputs_free_after
 from lightning_app.zoo.families.resnet_v2 import KerasPreActBottleneck
@@ -113,6 +114,7 @@ class FusedBottleneck(nn.Module):
         self.block = block
         self.kind = _kind(block)
         self.training = block.training
+        self.reordered = ReorderedWeight(getattr(block, self.kind.conv))
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.block
@@ -126,15 +128,17 @@ class FusedBottleneck(nn.Module):
             shortcut = shortcut.contiguous(memory_format=torch.channels_last)
         else:
             y, shortcut = y.contiguous(), shortcut.contiguous()
-        return conv_add_act_(shortcut, y, conv, self.kind.attr)
+        return conv_add_act_(shortcut, y, conv, self.kind.attr, self.reordered(conv.weight, y, conv.padding))
 
 
-def conv_add_act_(other: Tensor, x: Tensor, conv: nn.Conv2d, attr: Optional[str] = None) -> Tensor:
+def conv_add_act_(other: Tensor, x: Tensor, conv: nn.Conv2d, attr: Optional[str] = None,
+                  weight: Optional[Tensor] = None) -> Tensor:
     """``other = act(conv(x) + other)`` in place, one oneDNN call: ``x [B, C, H, W]``, ``other [B, C', H', W']`` (the
     output's shape and memory format); ``attr``: ``"relu"`` or ``None`` (the only activations oneDNN's PyTorch op
-    takes after the add). Returns ``other``. Float32 CPU tensors, no autograd."""
+    takes after the add); ``weight``: ``conv``'s weight in oneDNN's layout (:class:`~lightning_app.conv_fusion.
+    ReorderedWeight`), default ``conv.weight``. Returns ``other``. Float32 CPU tensors, no autograd."""
     return torch.ops.mkldnn._convolution_pointwise_.binary(
-        other, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        other, x, conv.weight if weight is None else weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
         "add", 1.0, attr, [], None)
 
 

@@ -23,8 +23,9 @@ def run_hooked(net: nn.Module, example: Tensor, handles: List[Any]) -> Any:
 
 
 def storage_key(t: Tensor) -> int:
-    """Where ``t``'s memory lives: every view of one storage has the same key."""
-    return t.untyped_storage().data_ptr()
+    """Where ``t``'s memory lives: every view of one storage has the same key (an opaque oneDNN tensor, which has
+    no storage, is its own key)."""
+    return id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
 
 
 class ConsumerLog(TorchDispatchMode):

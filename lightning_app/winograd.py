@@ -70,7 +70,7 @@ def _plain_conv(m: nn.Module) -> nn.Module:
 def _eligible(m: nn.Module) -> bool:
     """A 3x3, stride-1, dense, undilated convolution with symmetric numeric zero padding (optionally with a fused
     ReLU): what NNPACK computes."""
-    if isinstance(m, ConvAct2d) and (m.same or not isinstance(m.act, nn.ReLU)):
+    if isinstance(m, ConvAct2d) and (m.padded or not (m.act is None or isinstance(m.act, nn.ReLU))):
         return False
     conv = _plain_conv(m)
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
@@ -94,7 +94,7 @@ class WinogradConv2d(nn.Module):
         super().__init__()
         self.inner = inner
         self.conv = _plain_conv(inner)
-        self.relu = isinstance(inner, ConvAct2d)
+        self.relu = isinstance(inner, ConvAct2d) and inner.act is not None
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv

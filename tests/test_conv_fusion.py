@@ -108,3 +108,70 @@ def test_engine_fuses_on_the_cpu_in_float32_and_follows_weight_updates():
     plain = InferenceEngine(src, {"compile": False, "fuse_activations": False})
     plain(x)
     assert "fused" not in plain.status and not any(isinstance(m, ConvAct2d) for m in plain._copy.net.modules())
+
+
+def _packed_shapes(m: ConvAct2d):
+    return list(m.reordered._packed)
+
+
+def test_convolution_reorders_its_weight_once_per_shape_and_follows_weight_changes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).eval()
+    m = ConvAct2d(conv)  # no activation: the convolution alone
+    cl = torch.channels_last
+    xs = [torch.randn(b, 8, h, h).contiguous(memory_format=cl) for b, h in ((4, 9), (2, 9), (4, 7), (1, 5), (3, 9))]
+    with torch.no_grad():
+        for x in xs + xs[:1]:
+            assert torch.equal(m(x), torch.ops.mkldnn._convolution_pointwise(
+                x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], None))
+        assert len(_packed_shapes(m)) == conv_fusion.PACKED_SHAPES  # the oldest shape dropped
+        assert all(p.is_mkldnn for p in m.reordered._packed.values())
+        conv.weight.mul_(-2.0)  # an in-place change (the engine's refresh): reordered again
+        assert torch.allclose(m(xs[0]), conv(xs[0]), rtol=1e-5, atol=1e-5)
+        assert _packed_shapes(m) == [xs[0].shape]
+        m(xs[0].contiguous())  # NCHW input: the weight as it is, nothing kept
+        assert _packed_shapes(m) == [xs[0].shape]
+    x = xs[0].clone().requires_grad_(True)  # autograd: the module itself
+    m(x).sum().backward()
+    assert x.grad is not None
+    m2 = copy.deepcopy(m)  # the reordered weights are a cache, not state
+    assert _packed_shapes(m2) == [] and torch.equal(m2.conv.weight, conv.weight)
+
+
+def test_wrap_convolutions_wraps_the_rest_and_skips_what_calls_its_own():
+    class Calls(nn.Module):  # calls its convolution's weight itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), ConvAct2d(nn.Conv2d(4, 4, 1), nn.ReLU()), Calls(),
+                        Conv2dSame(4, 4, 3, stride=2), nn.Conv2d(4, 4, 3, padding="same")).eval()
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = net(x)
+        assert conv_fusion.wrap_convolutions(net, skip_inside=(Calls,)) == 2  # not: string padding, inside Calls
+        assert type(net[0]) is ConvAct2d and net[0].act is None and type(net[1].conv) is nn.Conv2d
+        assert type(net[2].conv) is nn.Conv2d and type(net[3]) is ConvAct2d and type(net[4]) is nn.Conv2d
+        assert torch.allclose(net(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_engine_runs_every_convolution_with_a_reordered_weight_and_follows_the_source():
+    from lightning_app.engine import InferenceOptions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                        nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    engine = InferenceEngine(net, InferenceOptions(compile=False))
+    x = torch.rand(2, 3, 10, 10)
+    with torch.no_grad():
+        assert relative_error(engine(x), net(x)) < 1e-6
+        convs = [m for m in engine._copy.net.modules() if isinstance(m, ConvAct2d)]
+        assert [m.attr for m in convs] == ["relu", "none"]
+        assert all(any(shape[0] == 2 for shape in m.reordered._packed) for m in convs)  # (and the 1-image trace)
+        net[3].weight.mul_(0.5)  # fine-tuning changed the source: the copy is refreshed and reordered again
+        assert relative_error(engine(x), net(x)) < 1e-6
+        assert [len(m.reordered._packed) for m in convs] == [1, 1]

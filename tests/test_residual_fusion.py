@@ -133,3 +133,11 @@ def test_engine_fuses_resnet_blocks(fused_calls, name, attr):
     assert "16 residual adds fused" in engine.status
     assert fused_calls == [attr] * 16
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    blocks = [m for m in engine._copy.net.modules() if isinstance(m, FusedBottleneck)]
+    assert all(any(s[0] == 2 for s in b.reordered._packed) for b in blocks)  # conv3's weight reordered once
+    with torch.no_grad():  # a last convolution changes in the source: the engine follows it
+        next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.out_channels == 2048 and m.in_channels == 512).weight.mul_(-3.0)
+        ref2, out2 = net(x), engine(x)
+    assert (ref2 - ref).abs().max() > 1e-3 * ref.abs().max()
+    assert (out2 - ref2).abs().max() <= 1e-4 * ref2.abs().max()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame, pad_same
 
 from lightning_app.conv_fusion import ConvAct2d
+from lightning_app.engine import InferenceEngine, InferenceOptions
 from lightning_app.same_conv import (SameConv2d, padded_conv_operands, replace_same_convs, same_conv_input,
                                     same_conv_operands)
 from lightning_app.zoo.families.mobilenet import ZeroPadConv2d
@@ -120,6 +121,11 @@ def test_replace_same_convs_leaves_fused_convolutions_to_their_own_padding():
 
 
 def test_engine_uses_them_on_nasnet_with_the_same_output():
-    _, _, engine, out, out_plain, ref = restructured_and_plain("NASNetMobile")
-    assert sum(isinstance(m, SameConv2d) for m in engine._copy.net.modules()) > 0
+    _, x, engine, out, out_plain, ref = restructured_and_plain("NASNetMobile")
+    # the fused path pads in ConvAct2d (every convolution is one, activation or not); SameConv2d without it
+    assert sum(isinstance(m, ConvAct2d) and m.padded for m in engine._copy.net.modules()) == 16
+    unfused = InferenceEngine(engine.source, InferenceOptions(compile=False, fuse_activations=False))
+    with torch.no_grad():
+        assert torch.allclose(unfused(x), out_plain, rtol=1e-5, atol=1e-6)
+    assert sum(isinstance(m, SameConv2d) for m in unfused._copy.net.modules()) == 16
     assert torch.allclose(out, out_plain, rtol=1e-5, atol=1e-6)
