@@ -48,8 +48,9 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-#: input shapes per convolution whose reordered weight is kept (a run's full batch and its last one, with room)
-PACKED_SHAPES = 4
+#: input shapes per convolution whose reordered weight is kept, the oldest dropped first: a run's full batch and its
+#: last one (each a copy of the weights: 2 bounds the memory at twice the network's)
+PACKED_SHAPES = 2
 
 
 class ReorderedWeight:
