@@ -49,7 +49,8 @@ def available() -> bool:
 
 
 #: input shapes per convolution whose reordered weight is kept, the oldest dropped first: a run's full batch and its
-#: last one (each a copy of the weights: 2 bounds the memory at twice the network's)
+#: last one (each a copy of the weight; oneDNN's layout can depend on the batch size: MobileNet ran 0.73x with the
+#: weights reordered for one image and used for 16)
 PACKED_SHAPES = 2
 
 
@@ -59,7 +60,8 @@ class ReorderedWeight:
     engine refreshes its copy in place). PyTorch's eager oneDNN convolution reorders the plain weight at every call;
     skipping that is worth most where the weight is large and the map small: on a 2-core Zen 5 EPYC (batch 16) a
     3x3 512 -> 512 convolution at 7 px 7.47 -> 6.67 ms, a 1x1 1024 -> 1024 at 7 px 4.27 -> 3.46 ms; at batch 1
-    1.54 -> 0.60 ms. Bit-identical.
+    1.54 -> 0.60 ms. Bit-identical. Depthwise weights are tiny and measured no faster reordered: they are left as
+    they are.
 
     Args:
         conv: the convolution whose stride, dilation and groups the layout is for.
@@ -67,6 +69,7 @@ class ReorderedWeight:
 
     def __init__(self, conv: nn.Module) -> None:
         self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+        self.depthwise = conv.groups > 1 and conv.weight.shape[1] == 1
         self._packed: Dict[torch.Size, Tensor] = {}  # input shape -> reordered weight
         self._key: Optional[Tuple[int, int]] = None
 
@@ -74,20 +77,21 @@ class ReorderedWeight:
         return {**self.__dict__, "_packed": {}, "_key": None}
 
     def __call__(self, weight: Tensor, x: Tensor, padding: Sequence[int]) -> Tensor:
-        """``weight`` reordered for a channels_last input of ``x``'s shape, or ``weight`` itself for other inputs,
-        an inference tensor (no version to follow) or under ``torch.compile``."""
-        if (weight.is_inference() or torch.compiler.is_compiling() or x.is_contiguous()
+        """``weight`` reordered for a channels_last input of ``x``'s shape, or ``weight`` itself for other inputs, a
+        depthwise convolution, an inference tensor (no version to follow) or under ``torch.compile``."""
+        if (self.depthwise or weight.is_inference() or torch.compiler.is_compiling() or x.is_contiguous()
                 or not x.is_contiguous(memory_format=torch.channels_last)):
             return weight
         key = (weight._version, weight.data_ptr())
         if key != self._key:
             self._packed.clear()
             self._key = key
-        packed = self._packed.get(x.shape)
+        size = x.shape
+        packed = self._packed.get(size)
         if packed is None:
             if len(self._packed) >= PACKED_SHAPES:
                 self._packed.pop(next(iter(self._packed)))
-            packed = self._packed[x.shape] = torch.ops.mkldnn._reorder_convolution_weight(
+            packed = self._packed[size] = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.detach(), list(padding), self.stride, self.dilation, self.groups, list(x.shape))
         return packed
 

@@ -124,13 +124,15 @@ def test_convolution_reorders_its_weight_once_per_shape_and_follows_weight_chang
         for x in xs + xs[:1]:
             assert torch.equal(m(x), torch.ops.mkldnn._convolution_pointwise(
                 x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], None))
-        assert len(_packed_shapes(m)) == conv_fusion.PACKED_SHAPES  # the oldest shape dropped
+        assert _packed_shapes(m) == [xs[4].shape, xs[0].shape]  # per input shape, the oldest dropped
         assert all(p.is_mkldnn for p in m.reordered._packed.values())
         conv.weight.mul_(-2.0)  # an in-place change (the engine's refresh): reordered again
         assert torch.allclose(m(xs[0]), conv(xs[0]), rtol=1e-5, atol=1e-5)
         assert _packed_shapes(m) == [xs[0].shape]
         m(xs[0].contiguous())  # NCHW input: the weight as it is, nothing kept
         assert _packed_shapes(m) == [xs[0].shape]
+        dw = ConvAct2d(nn.Conv2d(8, 8, 3, padding=1, groups=8))  # depthwise: not reordered
+        assert torch.equal(dw(xs[0]), dw.conv(xs[0])) and _packed_shapes(dw) == []
     x = xs[0].clone().requires_grad_(True)  # autograd: the module itself
     m(x).sum().backward()
     assert x.grad is not None
@@ -171,7 +173,7 @@ def test_engine_runs_every_convolution_with_a_reordered_weight_and_follows_the_s
         assert relative_error(engine(x), net(x)) < 1e-6
         convs = [m for m in engine._copy.net.modules() if isinstance(m, ConvAct2d)]
         assert [m.attr for m in convs] == ["relu", "none"]
-        assert all(any(shape[0] == 2 for shape in m.reordered._packed) for m in convs)  # (and the 1-image trace)
+        assert [[s[0] for s in _packed_shapes(m)] for m in convs] == [[1, 2], [1, 2]]  # the build's 1-image trace
         net[3].weight.mul_(0.5)  # fine-tuning changed the source: the copy is refreshed and reordered again
         assert relative_error(engine(x), net(x)) < 1e-6
         assert [len(m.reordered._packed) for m in convs] == [1, 1]
