@@ -56,8 +56,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_app import (conv_fusion, dedup, dense_blocks, linear_fusion, residual_fusion, same_conv, same_pooling,
-                           squeeze_excite, subsample, winograd)
+from lightning_app import (conv_fusion, dedup, dense_blocks, linear_fusion, nasnet_cells, residual_fusion, same_conv,
+                           same_pooling, squeeze_excite, subsample, winograd)
 from lightning_app.module_swap import restore_modules
 from lightning_app.tracing import trace_producer_consumer_pairs
 
@@ -528,8 +528,10 @@ class InferenceEngine(nn.Module):
         same_pooling`); where the engine runs eagerly in float32 on the CPU, also DenseNet
         blocks into one buffer (:mod:`lightning_app.dense_blocks`), TF-"same" convolutions without a zero-filled
         copy of their input (:mod:`lightning_app.same_conv`), repeated stateless operations on one tensor
-        once (:mod:`lightning_app.dedup`; compiled graphs do both themselves) and squeeze-and-excitation gates in
-        place (:mod:`lightning_app.squeeze_excite`). Checked against the copy before in
+        once (:mod:`lightning_app.dedup`; compiled graphs do both themselves), squeeze-and-excitation gates in
+        place (:mod:`lightning_app.squeeze_excite`), NASNet's 1x1 strided pools as strided copies
+        (:mod:`lightning_app.subsample`) and its normal cells into their output (:mod:`lightning_app.nasnet_cells`).
+        Checked against the copy before in
         float32, like the fold. The number of modules replaced (0 when none, or when the output changed beyond
         ``FOLD_TOLERANCE``: then put back as it was, logged)."""
         if not self.options.restructure:
@@ -546,6 +548,7 @@ class InferenceEngine(nn.Module):
                 replaced += subsample.replace_subsamples(folded.net)
                 replaced += dedup.deduplicate(folded.net, example.clone())
                 replaced += squeeze_excite.replace_squeeze_excite(folded.net, example.clone())
+                replaced += nasnet_cells.replace_cells(folded.net)
             if not replaced:
                 return 0
             err = relative_error(folded.net(example.clone()), reference)
