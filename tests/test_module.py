@@ -34,6 +34,22 @@ def test_normalisation_is_the_first_layer_with_the_backbone_preprocessing():
         torch.testing.assert_close(m(x), m.head(m.backbone(expected)))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 3, 1, 4), (3, 1, 4, 4)])
+def test_normalize_gives_the_same_bits_and_layout_in_channels_last(shape):
+    """The channels_last path (rows against the tiled mean / std) computes what broadcasting does, bit for bit,
+    returns channels_last, and its gradient is autograd's of the plain form."""
+    c = shape[1]
+    n = Normalize([0.1, 0.2, 0.3][:c], [0.7, 0.5, 0.3][:c])
+    x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
+    ref = (x.contiguous() - n.mean) / n.std
+    out = n(x)
+    assert torch.equal(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_(True)
+    n(xg).square().sum().backward()
+    torch.testing.assert_close(xg.grad, 2 * ref / n.std)
+
+
 def test_zoo_preprocessing_is_keras_mode():
     n = Normalize(*preprocessing("InceptionV3"))  # Keras "tf" mode: x / 127.5 - 1
     x = torch.rand(1, 3, 4, 4)

@@ -27,7 +27,16 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"expected float images in [0, 1], got {x.dtype} (convert uint8 with x.float() / 255)")
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        mean, std = self.mean.to(x.dtype), self.std.to(x.dtype)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # channels_last (the inference engine's layout): broadcasting 3 channels innermost runs an unvectorised
+            # loop of 3; as rows of W * C values against the tiled mean / std it is the same arithmetic, 4.9x faster
+            # (16 x 224 x 224 on a 2-core Zen 5 EPYC: 2.09 -> 0.43 ms), bit-identical
+            b, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(b * h, w * c)
+            out = (rows - mean.view(c).repeat(w)) / std.view(c).repeat(w)
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        return (x - mean) / std
 
     def extra_repr(self) -> str:
         mean = [round(v, 4) for v in self.mean.flatten().tolist()]
