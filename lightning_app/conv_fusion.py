@@ -79,7 +79,7 @@ class ReorderedWeight:
     def __call__(self, weight: Tensor, x: Tensor, padding: Sequence[int]) -> Tensor:
         """``weight`` reordered for a channels_last input of ``x``'s shape, or ``weight`` itself for other inputs, a
         depthwise convolution, an inference tensor (no version to follow) or under ``torch.compile``."""
-        if (self.depthwise or weight.is_inference() or torch.compiler.is_compiling() or x.is_contiguous()
+        if (torch.compiler.is_compiling() or self.depthwise or weight.is_inference() or x.is_contiguous()
                 or not x.is_contiguous(memory_format=torch.channels_last)):
             return weight
         key = (weight._version, weight.data_ptr())
