@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_app.conv_fusion import ConvAct2d
+from lightning_app.layout import empty_in_layout_of
 from lightning_app.module_swap import Replaced, replace_modules
 
 
@@ -119,9 +120,7 @@ class BufferedDenseBlock(nn.Module):
                 p.requires_grad for p in self.block.parameters()))):
             return self.block(x)
         b, c0, h, w = x.shape
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        buf = torch.empty((b, c0 + self.growth * len(self.layers), h, w), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        buf = empty_in_layout_of(x, (b, c0 + self.growth * len(self.layers), h, w))
         buf[:, :c0].copy_(x)
         c = c0
         for layer, (affine, rest) in zip(self.layers, self.norms):

@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.models.nasnet import FirstCell, NormalCell
 from torch import Tensor
 
+from lightning_app.layout import empty_in_layout_of
 from lightning_app.module_swap import Replaced, replace_modules
 
 
@@ -45,9 +46,7 @@ class BufferedCell(nn.Module):
                 (c.comb_iter_3_left(x_left), c.comb_iter_3_right(x_left)),
                 (c.comb_iter_4_left(x_right), x_right)]
         widths = [x_left.shape[1]] + [a.shape[1] for a, _ in sums]
-        channels_last = x_left.is_contiguous(memory_format=torch.channels_last) and not x_left.is_contiguous()
-        out = torch.empty((x_left.shape[0], sum(widths), *x_left.shape[2:]), dtype=x_left.dtype, device=x_left.device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out = empty_in_layout_of(x_left, (x_left.shape[0], sum(widths), *x_left.shape[2:]))
         out[:, :widths[0]].copy_(x_left)
         start = widths[0]
         for (a, b), width in zip(sums, widths[1:]):

@@ -3,18 +3,17 @@
 timm's ``Conv2dSame`` (Keras's strided "same" convolutions: the EfficientNets', MobileNets' and NASNets' stride-2
 layers) pads explicitly: ``F.pad`` fills a whole new tensor with zeros, then copies the input into it. TF splits the
 padding as ``before = total // 2``, ``after = total - before``, so ``after`` is ``before`` or ``before + 1``.
-:func:`same_conv_input` leaves the symmetric part to the convolution's implicit padding and adds explicitly only
+:func:`same_conv_operands` leaves the symmetric part to the convolution's implicit padding and adds explicitly only
 the one extra bottom row / right column of an uneven split, zeroing just that row and column: no copy at all where
 the split is even (odd sizes at stride 2), no full fill where it is not. Zero padding is zero padding: the result is
 the explicitly padded convolution's up to the kernels' summation order.
 
-A depthwise convolution (one input channel per group) does not copy its input at all: :func:`same_conv_operands`
-gives its kernel one leading zero tap in the uneven dimension and pads symmetrically by ``after``, which puts every
-window where TF's is (tap ``t + 1`` of the new kernel meets the input TF's tap ``t`` meets). Appending the row moved
-as many bytes as the convolution reads, and the extra tap is cheap where each output reads so little:
+A depthwise convolution (one input channel per group) does not copy its input at all: it gets one leading zero tap
+in the uneven dimension and pads symmetrically by ``after``, which puts every window where TF's is (tap ``t + 1`` of
+the new kernel meets the input TF's tap ``t`` meets). Appending the row moved as many bytes as the convolution reads, and the extra tap is cheap where each output reads so little:
 (16, 96, 112, 112) channels_last 3x3 stride 2 with its SiLU 6.55 -> 3.47 ms, (16, 144, 56, 56) 2.32 -> 1.32 ms, 5x5 at
 28 / 14 px 1.41x / 1.24x, bit-identical on this machine (Zen 5, alternating in one process). A dense
-convolution's extra tap costs more than the copy (0.68-0.84x), so those keep :func:`same_conv_input`. The one
+convolution's extra tap costs more than the copy (0.68-0.84x), so those keep the appended row. The one
 difference: the zero tap multiplies a real input value beside each window, so an infinite activation (``0 * inf``)
 also turns that neighbouring output NaN.
 """
@@ -22,24 +21,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import Tensor
 
+from lightning_app.layout import empty_in_layout_of
 from lightning_app.module_swap import Replaced, replace_modules
 from lightning_app.same_pooling import same_pads
-
-
-def same_conv_input(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
-                    dilation: Sequence[int] = (1, 1)) -> Tuple[Tensor, Tuple[int, int]]:
-    """``x [..., H, W]`` for a convolution with TF "same" padding: ``(input, symmetric padding)``, the input being
-    ``x`` itself, or ``x`` with one zero row (column) appended at the bottom (right) where TF pads one more there."""
-    h, w = x.shape[-2:]
-    (top, bottom), (left, right) = (same_pads(h, kernel_size[0], stride[0], dilation[0]),
-                                    same_pads(w, kernel_size[1], stride[1], dilation[1]))
-    return _append_zeros(x, bottom - top, right - left), (top, left)
 
 
 def _append_zeros(x: Tensor, rows: int, cols: int) -> Tensor:
@@ -48,9 +37,7 @@ def _append_zeros(x: Tensor, rows: int, cols: int) -> Tensor:
     if not rows and not cols:
         return x
     h, w = x.shape[-2:]
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    padded = torch.empty((*x.shape[:-2], h + rows, w + cols), dtype=x.dtype, device=x.device,
-                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    padded = empty_in_layout_of(x, (*x.shape[:-2], h + rows, w + cols))
     padded[..., :h, :w].copy_(x)
     padded[..., h:, :].zero_()
     padded[..., :h, w:].zero_()
@@ -135,4 +122,4 @@ def replace_same_convs(net: nn.Module, skip_inside: Tuple[type, ...] = ()) -> Re
 
 
 __all__ = ["SameConv2d", "conv_operands", "explicit_pads", "padded_conv_operands", "pads_explicitly", "replace_same_convs",
-           "same_conv_input", "same_conv_operands"]
+           "same_conv_operands"]

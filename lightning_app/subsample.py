@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lightning_app.layout import empty_in_layout_of
 from lightning_app.module_swap import Replaced, replace_modules
 
 #: ``(left, right, top, bottom)``, as ``F.pad`` / ``nn.ZeroPad2d`` take them (negative: crop)
@@ -38,9 +39,7 @@ def subsample(x: Tensor, stride: int, pads: Optional[Pads] = None) -> Tensor:
     left, right, top, bottom = pads or (0, 0, 0, 0)
     (h_out, ha, hb, h0), (w_out, wa, wb, w0) = (_kept(x.shape[-2], top, bottom, stride),
                                                 _kept(x.shape[-1], left, right, stride))
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((*x.shape[:-2], h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = empty_in_layout_of(x, (*x.shape[:-2], h_out, w_out))
     out[..., ha:hb, wa:wb].copy_(x[..., h0::stride, w0::stride][..., :hb - ha, :wb - wa])
     for rows, cols in ((slice(0, ha), slice(None)), (slice(hb, None), slice(None)),
                        (slice(ha, hb), slice(0, wa)), (slice(ha, hb), slice(wb, None))):

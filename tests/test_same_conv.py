@@ -8,8 +8,7 @@ from timm.layers import Conv2dSame, pad_same
 
 from lightning_app.conv_fusion import ConvAct2d
 from lightning_app.engine import InferenceEngine, InferenceOptions
-from lightning_app.same_conv import (SameConv2d, padded_conv_operands, replace_same_convs, same_conv_input,
-                                    same_conv_operands)
+from lightning_app.same_conv import SameConv2d, padded_conv_operands, replace_same_convs, same_conv_operands
 from lightning_app.zoo.families.mobilenet import ZeroPadConv2d
 
 from test_engine import restructured_and_plain
@@ -19,14 +18,15 @@ from test_engine import restructured_and_plain
 @pytest.mark.parametrize("kernel,stride,dilation", [(3, 2, 1), (5, 2, 1), (7, 2, 1), (3, 1, 1), (1, 2, 1), (3, 2, 2),
                                                     (4, 2, 1)])
 @pytest.mark.parametrize("hw", [(7, 7), (8, 8), (9, 12), (16, 15), (2, 3)])
-def test_same_conv_input_gives_the_padded_convolution(hw, kernel, stride, dilation, channels_last):
+def test_dense_same_conv_gives_the_padded_convolution(hw, kernel, stride, dilation, channels_last):
     torch.manual_seed(0)
     x = torch.randn(2, 6, *hw)
     w, b = torch.randn(4, 6, kernel, kernel), torch.randn(4)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ref = F.conv2d(pad_same(x, (kernel, kernel), (stride, stride), (dilation, dilation)), w, b, stride, 0, dilation)
-    inp, padding = same_conv_input(x, (kernel, kernel), (stride, stride), (dilation, dilation))
+    inp, weight, padding = same_conv_operands(x, w, (stride, stride), (dilation, dilation))
+    assert weight is w
     out = F.conv2d(inp, w, b, stride, padding, dilation)
     assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
     pads = [pad_same(torch.zeros(1, 1, *hw), (kernel, kernel), (stride, stride), (dilation, dilation)).shape[i] - hw[j]
