@@ -170,5 +170,5 @@ def fuse_conv_activations(net: nn.Module, example: Tensor) -> int:
     return len(pairs)
 
 
-__all__ = ["ConvAct2d", "POST_OPS", "ReorderedWeight", "available", "find_conv_act_pairs", "fusable_conv", "fuse_conv_activations",
-           "wrap_convolutions"]
+__all__ = ["ConvAct2d", "POST_OPS", "ReorderedWeight", "available", "find_conv_act_pairs", "fusable_conv",
+           "fuse_conv_activations", "wrap_convolutions"]

@@ -387,7 +387,8 @@ def _storage_ptrs(params: List[torch.Tensor], states: List[Dict[str, Any]]) -> T
     return tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, p.grad, *st.values()))
 
 
-def target_grads(labels: torch.Tensor, sizes: Tuple[int, ...], num_classes: int, label_smoothing: float) -> torch.Tensor:
+def target_grads(labels: torch.Tensor, sizes: Tuple[int, ...], num_classes: int,
+                 label_smoothing: float) -> torch.Tensor:
     """``-q / b`` per row for mini-batches of ``sizes`` rows: ``q = (1 - e) onehot(y) + e / C`` is the target
     distribution of ``cross_entropy(label_smoothing=e)``, ``b`` the row's mini-batch size. Then
     ``d loss / d logits = softmax(logits) / b - q / b``, autograd's form. Shape: ``labels [n]`` -> ``[n, C]``."""

@@ -138,8 +138,8 @@ def conv_add_act_(other: Tensor, x: Tensor, conv: nn.Conv2d, attr: Optional[str]
     takes after the add); ``weight``: ``conv``'s weight in oneDNN's layout (:class:`~lightning_app.conv_fusion.
     ReorderedWeight`), default ``conv.weight``. Returns ``other``. Float32 CPU tensors, no autograd."""
     return torch.ops.mkldnn._convolution_pointwise_.binary(
-        other, x, conv.weight if weight is None else weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-        "add", 1.0, attr, [], None)
+        other, x, conv.weight if weight is None else weight, conv.bias, list(conv.padding), list(conv.stride),
+        list(conv.dilation), conv.groups, "add", 1.0, attr, [], None)
 
 
 def fuse_residual_blocks(net: nn.Module, example: Tensor) -> Replaced:

@@ -10,7 +10,8 @@ the explicitly padded convolution's up to the kernels' summation order.
 
 A depthwise convolution (one input channel per group) does not copy its input at all: it gets one leading zero tap
 in the uneven dimension and pads symmetrically by ``after``, which puts every window where TF's is (tap ``t + 1`` of
-the new kernel meets the input TF's tap ``t`` meets). Appending the row moved as many bytes as the convolution reads, and the extra tap is cheap where each output reads so little:
+the new kernel meets the input TF's tap ``t`` meets). Appending the row moved as many bytes as the convolution reads,
+and the extra tap is cheap where each output reads so little:
 (16, 96, 112, 112) channels_last 3x3 stride 2 with its SiLU 6.55 -> 3.47 ms, (16, 144, 56, 56) 2.32 -> 1.32 ms, 5x5 at
 28 / 14 px 1.41x / 1.24x, bit-identical on this machine (Zen 5, alternating in one process). A dense
 convolution's extra tap costs more than the copy (0.68-0.84x), so those keep the appended row. The one
@@ -121,5 +122,5 @@ def replace_same_convs(net: nn.Module, skip_inside: Tuple[type, ...] = ()) -> Re
                            and name.rpartition(".")[0] not in skip else None)
 
 
-__all__ = ["SameConv2d", "conv_operands", "explicit_pads", "padded_conv_operands", "pads_explicitly", "replace_same_convs",
-           "same_conv_operands"]
+__all__ = ["SameConv2d", "conv_operands", "explicit_pads", "padded_conv_operands", "pads_explicitly",
+           "replace_same_convs", "same_conv_operands"]
