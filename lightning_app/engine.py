@@ -618,9 +618,14 @@ class InferenceEngine(nn.Module):
         """Whether the copy is fed channels_last: as the options say, unless it runs NNPACK's NCHW convolutions."""
         return self.options.channels_last and not self._n_winograd
 
+    def input_memory_format(self) -> torch.memory_format:
+        """The memory format the copy takes its ``[B, C, H, W]`` input in (a batch in another one is converted):
+        channels_last as the options say, NCHW where it runs NNPACK's convolutions (known once built)."""
+        return torch.channels_last if self._channels_last else torch.contiguous_format
+
     def _prepare(self, x: Tensor) -> Tensor:
-        if self._channels_last and x.ndim == 4:
-            return x.contiguous(memory_format=torch.channels_last)
+        if x.ndim == 4:
+            return x.contiguous(memory_format=self.input_memory_format())
         return x
 
     def forward(self, x: Tensor) -> Tensor:

@@ -350,6 +350,11 @@ class TransferModule(pl.LightningModule):
             return backbone_is_fixed(self.backbone)
         return self._frozen_forward
 
+    def input_memory_format(self) -> Optional[torch.memory_format]:
+        """The memory format :meth:`features` takes images in now: the engine's where it runs them, else ``None``
+        (no preference). The image DataModules serve evaluation batches in it (``data.base``)."""
+        return self.engine.input_memory_format() if self.uses_engine() else None
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of [0, 1] RGB images ``[B, 3, H, W]`` -> ``[B, D]`` (float32 from the engine)."""
         if self.uses_engine():

@@ -8,13 +8,15 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as tv_functional
 from torchvision.transforms.v2.functional import _geometry as tv_geometry
 
 from lightning_app.data import ArrayDataModule
 from lightning_app.data.base import auto_num_workers
 from lightning_app.data.features import device_resize_tag, prepare_feature_datamodule
 from lightning_app.data.host_copy import HostCopyQueue
-from lightning_app.data.resize import resize_batch, resize_image
+from lightning_app.data import resize as resize_module
+from lightning_app.data.resize import center_crop_box, resize_batch, resize_image
 from lightning_app.data.sources import FileSource, SplitDataset
 from lightning_app.errors import ConfigError
 
@@ -37,6 +39,40 @@ def test_batch_resize_equals_worker_resize_on_cpu(hw, size, mode, antialias):
     batch = resize_batch(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), size, mode, antialias)
     assert batch.dtype == torch.uint8 and batch.shape == (6, 3, *size)
     assert torch.equal(per_image, batch)
+
+
+@pytest.mark.parametrize("hw,size,mode,antialias", CASES)
+@pytest.mark.parametrize("batched", [True, False])
+def test_resize_gives_torchvisions_nchw_pixels_in_the_asked_memory_format(hw, size, mode, antialias, batched):
+    """Enlargements run in channels_last on the CPU (faster): the pixels are those of torchvision's resize of the
+    NCHW tensor, and the result comes in the memory format asked for (NCHW by default)."""
+    x = torch.from_numpy(_images(5, *hw, seed=3)).permute(0, 3, 1, 2).contiguous()
+    x = x if batched else x[0]
+    top, left, h, w = center_crop_box(*hw, size) if mode == "crop" else (0, 0, *hw)
+    window = x[..., top:top + h, left:left + w]
+    ref = window if (h, w) == size else tv_functional.resize(
+        window, list(size), interpolation=tv_functional.InterpolationMode.BILINEAR, antialias=antialias)
+    out = resize_batch(x, size, mode, antialias)
+    assert out.is_contiguous() and torch.equal(out, ref)
+    if batched:
+        out = resize_batch(x, size, mode, antialias, torch.channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
+
+
+def test_enlargement_runs_in_channels_last_and_reduction_in_nchw():
+    seen = []
+    real = tv_functional.resize
+
+    def spy(images, *args, **kwargs):
+        seen.append(images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous())
+        return real(images, *args, **kwargs)
+
+    x = torch.from_numpy(_images(2, 8, 8)).permute(0, 3, 1, 2).contiguous()
+    with mock.patch.object(resize_module.TF, "resize", spy):
+        resize_batch(x, (16, 16))  # enlarged
+        resize_batch(x[0], (16, 12))  # one image, enlarged
+        resize_batch(x, (4, 4))  # reduced
+    assert seen == [True, True, False]
 
 
 @pytest.mark.parametrize("hw,size,mode,antialias", CASES[:-1])
@@ -116,6 +152,57 @@ def test_mixed_sizes_keep_the_worker_resize(tmp_path):
     assert files.uniform_size is None and not dm.resizes_on_device(files)
     with pytest.raises(ValueError, match="varying size"):
         files.unresized()
+
+
+class _WantsChannelsLast:
+    """A LightningModule's ``input_memory_format`` (the inference engine's)."""
+
+    def input_memory_format(self):
+        return torch.channels_last
+
+
+@pytest.mark.parametrize("resize_on", ["device", "workers"])
+def test_evaluation_batches_come_in_the_modules_memory_format(resize_on):
+    """Outside training the DataModule serves the batch in the memory format the module asks for (converted or
+    resized into it while uint8), with the same values; NCHW without a wish, and while training."""
+    dm = _dm(resize_on)
+    batch = next(iter(dm.predict_dataloader()))
+    dm.trainer = SimpleNamespace(training=False, lightning_module=_WantsChannelsLast())
+    cl = dm.on_after_batch_transfer(batch, 0)[0]
+    dm.trainer = SimpleNamespace(training=False, lightning_module=object())
+    plain = dm.on_after_batch_transfer(batch, 0)[0]
+    assert cl.dtype == plain.dtype == torch.float32
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert plain.is_contiguous() and torch.equal(cl, plain)
+    assert torch.equal(dm.prepare_batch(batch)[0], plain)  # wrappers' default: NCHW
+    dm.trainer = SimpleNamespace(training=True, lightning_module=_WantsChannelsLast())
+    assert dm.on_after_batch_transfer(batch, 0)[0].is_contiguous()
+
+
+def test_extraction_feeds_the_engine_channels_last_with_unchanged_features(tmp_path):
+    """The feature extractor's predict loop hands the engine channels_last batches, and the cached features are those
+    of NCHW batches (the engine converted them before)."""
+    from lightning_app.data.features import FeatureExtractor
+    from lightning_app.module import TransferModule
+    import pytorch_lightning as pl
+
+    def extract(wish):
+        pl.seed_everything(0)
+        m = TransferModule("test_resnet", 3, weights=None, stage="extract", hidden=[8])
+        m.eval()
+        seen = []
+        m.engine.register_forward_pre_hook(
+            lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        with mock.patch.object(FeatureExtractor, "input_memory_format", wish):
+            fdm = prepare_feature_datamodule(t, m, _dm("device", image_size=32), cache_dir=tmp_path / str(wish))
+        return np.asarray(fdm.sets["train"].features), seen
+
+    cl, seen_cl = extract(FeatureExtractor.input_memory_format)
+    plain, seen_plain = extract(lambda self: None)
+    assert seen_cl and all(seen_cl) and not any(seen_plain)
+    np.testing.assert_array_equal(cl, plain)
 
 
 def test_bad_resize_on_is_a_config_error():

@@ -469,9 +469,10 @@ def test_options_validation():
 
 
 # --------------------------------------------------------------------------- staleness
-def _module(stage="finetune", **kw):
+def _module(stage="finetune", inference=None, **kw):
     pl.seed_everything(0)
-    m = TransferModule("test_resnet", 4, weights=None, stage=stage, hidden=[8], inference=FP32, **kw)
+    m = TransferModule("test_resnet", 4, weights=None, stage=stage, hidden=[8], inference={**FP32, **(inference or {})},
+                       **kw)
     calibrate_bn(m.backbone, torch.rand(8, 3, 32, 32))
     return m
 
@@ -537,6 +538,26 @@ def test_engine_not_used_while_the_backbone_trains_and_used_when_frozen():
     h.train()
     h(torch.rand(2, 3, 32, 32))
     assert calls == [1]  # Keras-frozen backbone: the engine, under no_grad
+
+
+def test_engine_says_and_takes_its_input_memory_format():
+    """The module asks the DataModule for the engine's memory format (channels_last by default) while the engine runs
+    its images, nothing while the backbone trains; an engine running NCHW converts a channels_last batch."""
+    m = _module()
+    m.eval()
+    assert m.input_memory_format() == torch.channels_last
+    m.train()
+    assert m.input_memory_format() is None  # the plain path, with gradients
+    x = torch.rand(2, 3, 32, 32)
+    nchw = _module(inference={"channels_last": False})
+    nchw.eval()
+    assert nchw.input_memory_format() == torch.contiguous_format
+    seen = []
+    nchw.engine(x)  # built
+    nchw.engine._copy.net.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    out = nchw.engine(x.contiguous(memory_format=torch.channels_last))
+    assert seen == [True] and torch.equal(out, nchw.engine(x))
+    assert _module(inference={"enabled": False}).eval().input_memory_format() is None
 
 
 # --------------------------------------------------------------------------- attacks

@@ -13,7 +13,9 @@ Batch contract (every image DataModule here):
 * after the transfer to the device, :meth:`BaseImageDataModule.on_after_batch_transfer` returns
   ``(images float32 [B, 3, H, W] in [0, 1], labels, indices)`` at ``image_size``: train-time augmentation
   (only while ``trainer.training``), then :meth:`transform_batch` (``batch_transforms``).
-  Normalisation is left to the model.
+  Normalisation is left to the model. Outside training the batch comes in the memory format the Trainer's
+  LightningModule asks for with an ``input_memory_format()`` method (the inference engine's channels_last:
+  converted as uint8, or resized straight into it, which is cheaper than converting the float batch), else NCHW.
 """
 from __future__ import annotations
 
@@ -96,6 +98,14 @@ def to_float01(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images.to(torch.float32).mul_(_INV_255)
     return images.to(torch.float32)
+
+
+def module_input_format(trainer: Optional["pl.Trainer"]) -> Optional[torch.memory_format]:
+    """The memory format the Trainer's LightningModule takes its images in now (its ``input_memory_format()``;
+    ``None``: no preference, or no module)."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    wanted = getattr(module, "input_memory_format", None)
+    return wanted() if callable(wanted) else None
 
 
 class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
@@ -368,15 +378,21 @@ class BaseImageDataModule(ResumableTrainOrder, pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Resize to ``image_size`` when the loader left it to the device, uint8 -> float [0, 1], augmentation while
-        training, then :meth:`transform_batch`."""
+        training, then :meth:`transform_batch`; outside training in the module's input memory format (module
+        docstring)."""
         training = self.trainer is not None and bool(self.trainer.training)
-        return self.prepare_batch(batch, dataloader_idx, train=training)
+        memory_format = None if training else module_input_format(self.trainer)
+        return self.prepare_batch(batch, dataloader_idx, train=training, memory_format=memory_format)
 
-    def prepare_batch(self, batch: Batch, dataloader_idx: int = 0, train: bool = False) -> Batch:
-        """What :meth:`on_after_batch_transfer` does, with the training flag explicit (for wrappers)."""
+    def prepare_batch(self, batch: Batch, dataloader_idx: int = 0, train: bool = False,
+                      memory_format: Optional[torch.memory_format] = None) -> Batch:
+        """What :meth:`on_after_batch_transfer` does, with the training flag and the images' memory format
+        (``None``: NCHW) explicit (for wrappers)."""
         images, labels, indices, *rest = batch  # rest: predict's ``ok`` flags
-        if tuple(images.shape[-2:]) != self.image_size:  # served at the source's size (``resize_on``)
-            images = resize_batch(images, self.image_size, self.resize, self.antialias)
+        # resized when served at the source's size (``resize_on``); converted while uint8 (a quarter of the bytes)
+        fmt = memory_format if memory_format is not None and images.dim() == 4 else torch.contiguous_format
+        if tuple(images.shape[-2:]) != self.image_size or fmt != torch.contiguous_format:
+            images = resize_batch(images, self.image_size, self.resize, self.antialias, fmt)
         images = to_float01(images)
         if train and self.augmentation is not None:
             images = self.augmentation(images)

@@ -235,6 +235,10 @@ class FeatureExtractor(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.engine or self.net)(x)
 
+    def input_memory_format(self) -> Optional[torch.memory_format]:
+        """The engine's input memory format (the image DataModules serve batches in it), else no preference."""
+        return self.engine.input_memory_format() if self.engine is not None else None
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self(batch[0]).float()
 

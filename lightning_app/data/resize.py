@@ -12,7 +12,10 @@ Unlike Keras, the result is rounded back to uint8 (difference <= 0.5/255 per pix
 
 Both functions call torchvision's ``resize`` on uint8 ``[..., 3, H, W]``: on the CPU that is its native uint8
 kernel (per image or per batch, bit-identical), on CUDA a float32 interpolation rounded back to uint8, which can
-differ from the CPU kernel by one uint8 level on a few pixels (its fixed-point weights round differently).
+differ from the CPU kernel by one uint8 level on a few pixels (its fixed-point weights round differently). On the
+CPU an enlargement runs in channels_last, where that kernel is 1.6-4x faster and gives the same pixels (2-core
+Zen 5 EPYC, batch 16: 32 -> 224 1.04 -> 0.29 ms, 0.62 ms with the copy back to NCHW; a reduction such as
+512 -> 224 is faster in NCHW, 4.3 against 6.0 ms, and stays there).
 """
 from __future__ import annotations
 
@@ -82,9 +85,11 @@ def resize_batch(
     size: Tuple[int, int],
     mode: ResizeMode = "squash",
     antialias: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
-    """uint8 ``[..., 3, h, w]`` (one size for all) -> uint8 ``[..., 3, *size]``, on the tensor's device; the
-    same crop box for every image. Returns ``images`` itself when nothing is to be done."""
+    """uint8 ``[..., 3, h, w]`` (one size for all) -> uint8 ``[..., 3, *size]`` in ``memory_format``
+    (``torch.channels_last``: 4-D batches only), on the tensor's device; the same crop box for every image.
+    Returns ``images`` itself when nothing is to be done."""
     if mode not in ("squash", "crop"):
         raise ConfigError(f"resize must be 'squash' or 'crop', got {mode!r}")
     h, w = images.shape[-2:]
@@ -93,5 +98,17 @@ def resize_batch(
         images = images[..., top:top + ch, left:left + cw]
         h, w = ch, cw
     if (h, w) != tuple(size):
-        return TF.resize(images, list(size), interpolation=InterpolationMode.BILINEAR, antialias=antialias).contiguous()
-    return images.contiguous()
+        images = _bilinear(images, size, antialias)
+    return images.contiguous(memory_format=memory_format)
+
+
+def _bilinear(images: torch.Tensor, size: Tuple[int, int], antialias: bool) -> torch.Tensor:
+    """torchvision's bilinear resize of uint8 ``[..., C, h, w]`` -> ``[..., C, *size]``; an enlargement of a 3-D or
+    4-D CPU tensor runs in channels_last (module docstring: same pixels, faster), the rest as given."""
+    h, w = images.shape[-2:]
+    kwargs = dict(interpolation=InterpolationMode.BILINEAR, antialias=antialias)
+    if images.device.type != "cpu" or images.dim() not in (3, 4) or h * w >= size[0] * size[1]:
+        return TF.resize(images, list(size), **kwargs)
+    batch = images if images.dim() == 4 else images.unsqueeze(0)
+    out = TF.resize(batch.contiguous(memory_format=torch.channels_last), list(size), **kwargs)
+    return out if images.dim() == 4 else out[0]
