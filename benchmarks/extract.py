@@ -101,8 +101,9 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["num_workers"] = source.loader_workers(source.dataset("train")) if source is not None else None
     if spec["loader_batches"] and source is not None:
         device = cli.trainer.strategy.root_device
-        out["loader_img_s"] = _input_pipeline_rate(source, device, spec["loader_batches"])
-        out.update(_input_pipeline_stages(source, device, spec["loader_batches"]))
+        fmt = cli.model.engine.input_memory_format() if cli.model.inference_options.enabled else None  # the batches'
+        out["loader_img_s"] = _input_pipeline_rate(source, device, spec["loader_batches"], fmt)
+        out.update(_input_pipeline_stages(source, device, spec["loader_batches"], fmt))
     out.update(_compute_limit(spec["model"], int(spec["size"]), cli.trainer.strategy.root_device, out))
     return out
 
@@ -120,18 +121,19 @@ def _compute_limit(model: str, size: int, device: Any, out: Dict[str, Any]) -> D
             "pct_of_limit": 100 * out["img_s"] / limit, "model_pct_of_limit": 100 * out["model_img_s"] / limit}
 
 
-def _input_pipeline_rate(source: Any, device: Any, batches: int) -> float:
+def _input_pipeline_rate(source: Any, device: Any, batches: int, memory_format: Any = None) -> float:
     """Images/s of the input pipeline alone (no model): the train split's predict loader as the product builds it
     (workers, pinned memory), the transfer to ``device`` and the DataModule's device-side preparation (resize where
-    it runs there, uint8 -> float), timed from the loader's start (batches the workers prefetch while the first one
-    is awaited would otherwise look free) over up to ``batches`` batches, device work included."""
+    it runs there, uint8 -> float, into ``memory_format``), timed from the loader's start (batches the workers
+    prefetch while the first one is awaited would otherwise look free) over up to ``batches`` batches, device work
+    included."""
     from _timing import now, sync
 
     source.predict_split = "train"
     t, n = now(), 0
     for i, batch in enumerate(source.predict_dataloader()):
         batch = [b.to(device, non_blocking=True) for b in batch]
-        source.prepare_batch(batch)
+        source.prepare_batch(batch, memory_format=memory_format)
         n += len(batch[1])
         if i + 1 >= batches:
             break
@@ -139,11 +141,12 @@ def _input_pipeline_rate(source: Any, device: Any, batches: int) -> float:
     return n / (now() - t) if n else float("nan")
 
 
-def _input_pipeline_stages(source: Any, device: Any, batches: int) -> Dict[str, float]:
+def _input_pipeline_stages(source: Any, device: Any, batches: int, memory_format: Any = None) -> Dict[str, float]:
     """Where the input pipeline's time goes, milliseconds per batch (mean over up to ``batches`` batches after the
     first), each stage waited for before the next starts: ``fetch_ms`` the loader as built without pinned memory
     (a second pass), ``pin_ms`` what pinning adds (the loader as built, minus ``fetch_ms``), ``transfer_ms`` the
-    copy to ``device``, ``prepare_ms`` the DataModule's device-side preparation (resize, uint8 -> float)."""
+    copy to ``device``, ``prepare_ms`` the DataModule's device-side preparation (resize, uint8 -> float) into
+    ``memory_format`` (what the module asks for: the inference engine's)."""
     from _timing import now, sync
 
     source.predict_split = "train"
@@ -170,7 +173,7 @@ def _input_pipeline_stages(source: Any, device: Any, batches: int) -> Dict[str, 
         batch = [b.to(device, non_blocking=True) for b in batch]
         sync()
         t2 = now()
-        source.prepare_batch(batch)
+        source.prepare_batch(batch, memory_format=memory_format)
         sync()
         t3 = now()
         if i:
