@@ -129,19 +129,22 @@ class LeanHeadSteps(EagerHeadSteps):
     losses are computed from the logits afterwards; a param group's step counts are one shared counter, written
     back to the state when the chunk ends, as are the oneDNN weight gradients to ``.grad`` (:meth:`_end_chunk`).
 
-    Weight layout: after that first step every ``Linear`` weight, its gradient and its Adam moments are re-stored
-    transposed (:func:`kernel_layout`: ``weight.t()`` contiguous, ``[in, out]`` in memory like a Keras ``Dense``
-    kernel; same shapes, values and ``Parameter`` objects). The two large products then run as plain
+    Weight layout: after that first step every ``Linear`` weight whose products run in MKL, its gradient and its
+    Adam moments are re-stored transposed (:func:`kernel_layout`: ``weight.t()`` contiguous, ``[in, out]`` in memory
+    like a Keras ``Dense`` kernel; same shapes, values and ``Parameter`` objects). Those products then run as plain
     ``[b, in] @ [in, out]`` and ``[in, b] @ [b, out]`` GEMMs, which MKL does about a fifth faster at these skinny
     shapes than the ``x @ W^T`` and ``g^T @ x`` forms (``benchmarks/head.py`` shows the step against its limit).
 
     Where oneDNN's matrix product beats MKL's (AMD CPUs with AVX-512:
-    :func:`~lightning_app.linear_fusion.onednn_linear_faster`), the forward and weight-gradient products of at
-    least ``MIN_ONEDNN_MACS`` multiply-adds run through oneDNN instead, the forward with its ReLU as a post-op: on
-    a 2-core Zen 5 EPYC the CIFAR-10 head's epoch (``benchmarks/head.py``) 1.34 -> 0.77 s (0.91 s with the weight
-    gradient left in MKL). The weight gradient's ``a^T`` goes through :func:`transposed` (oneDNN's op copies a
-    transposed input with torch's slow strided copy) and its result straight to Adam (:meth:`_weight_grad`); with
-    the per-chunk work above, 0.77 -> 0.71-0.74 s.
+    :func:`~lightning_app.linear_fusion.onednn_linear_faster`), the products of a layer of at least
+    ``MIN_ONEDNN_MACS`` multiply-adds at the first step's batch size run through oneDNN instead (a 2-core Zen 5 EPYC:
+    the CIFAR-10 head's epoch 1.34 -> 0.77 s). Such a layer keeps ``nn.Linear``'s ``[out, in]`` layout, and its
+    forward is computed transposed, ``z^T = W a^T`` (:meth:`_forward`): the weight is oneDNN's *source*, read as it
+    is stored, and the activations ``a [b, in]`` its *weight* operand, which oneDNN reorders into its blocked layout
+    at every call. In the ``z = a W^T`` form it reordered the 2 MB weight instead (2048 -> 256 at b = 32: 121 ->
+    97 us). The weight gradient comes out ``[out, in]`` as ``dz^T a`` with ``a`` again the operand reordered
+    (110 -> 91 us, no transposed copy of ``a``), straight to Adam (:meth:`_weight_grad`). The written-out step on
+    the CIFAR-10 head, alternating with the ``z = a W^T`` one in one process: 1.02-1.06x.
     """
 
     name = "lean"
@@ -158,17 +161,19 @@ class LeanHeadSteps(EagerHeadSteps):
         self._fresh: Dict[nn.Parameter, torch.Tensor] = {}
         self._counters: Optional[List[Optional[torch.Tensor]]] = None  # per chunk: :meth:`_step_counters`
 
-    def _use_kernel_layout(self) -> None:
-        """Weights, gradients and Adam moments of every ``Linear`` in :func:`kernel_layout` (class docstring)."""
-        for lin in [b[0] for b in self.blocks] + [self.out]:
+    def _use_layouts(self, b: int) -> None:
+        """Weights, gradients and Adam moments of every ``Linear`` in :func:`kernel_layout` where its products at
+        batch ``b`` run in MKL, contiguous ``[out, in]`` where they run in oneDNN (class docstring)."""
+        for lin in [blk[0] for blk in self.blocks] + [self.out]:
+            stored = (lambda t: t.contiguous()) if self._use_onednn(b, lin) else kernel_layout
             w = lin.weight
-            w.data = kernel_layout(w.data)
+            w.data = stored(w.data)
             if w.grad is not None:
-                w.grad = kernel_layout(w.grad)
+                w.grad = stored(w.grad)
             state = self.optimizer.state.get(w)
             for k, v in list(state.items()) if state else ():
                 if isinstance(v, torch.Tensor) and v.shape == w.shape:
-                    state[k] = kernel_layout(v)
+                    state[k] = stored(v)
 
     def _adam_groups(self) -> Optional[List[Dict[str, Any]]]:
         """Per param group: the tensor lists of the fused kernel (``None`` until the optimizer has state)."""
@@ -208,7 +213,7 @@ class LeanHeadSteps(EagerHeadSteps):
             for p in self.head.parameters():  # persistent gradient buffers for the written-out backward
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            self._use_kernel_layout()
+            self._use_layouts(x.shape[0])
             self._groups = self._adam_groups()
             return logits, loss
         with torch.no_grad():  # one step outside :meth:`run` (which calls ``_step`` itself)
@@ -256,25 +261,38 @@ class LeanHeadSteps(EagerHeadSteps):
         return self._onednn and b * lin.in_features * lin.out_features >= MIN_ONEDNN_MACS
 
     def _forward(self, a: torch.Tensor, lin: nn.Linear, relu: bool) -> torch.Tensor:
-        """``a W^T + b`` (then ReLU'd), ``a [b, in]`` -> ``[b, out]``."""
+        """``a W^T + b`` (then ReLU'd), ``a [b, in]`` -> ``[b, out]``; from oneDNN with a contiguous weight, the
+        transposed view of ``z^T = W a^T`` (class docstring)."""
+        w = lin.weight
         if self._use_onednn(a.shape[0], lin):
-            return linear_fusion.linear(a.contiguous(), lin.weight, lin.bias, "relu" if relu else "none")
-        z = torch.addmm(lin.bias, a, lin.weight.t()) if lin.bias is not None else torch.mm(a, lin.weight.t())
+            if not w.is_contiguous():  # a kernel-layout weight (laid out at a batch size that ran in MKL)
+                return linear_fusion.linear(a.contiguous(), w, lin.bias, "relu" if relu else "none")
+            zt = linear_fusion.linear(w, a, None)  # [out, b]
+            if lin.bias is not None:
+                zt.add_(lin.bias.unsqueeze(1))
+            return (zt.relu_() if relu else zt).t()
+        z = torch.addmm(lin.bias, a, w.t()) if lin.bias is not None else torch.mm(a, w.t())
         return z.relu_() if relu else z
 
     def _weight_grad(self, a: torch.Tensor, g: torch.Tensor, lin: nn.Linear) -> None:
         """The gradient ``g^T a`` of ``lin.weight`` (``a [b, in]``, ``g [b, out]``): written into ``weight.grad``
-        (MKL), or held in ``self._fresh`` for the Adam update (oneDNN: a new ``[in, out]`` tensor, the memory of
-        the kernel layout; copied into ``weight.grad`` once per chunk by :meth:`_end_chunk`, not once per step)."""
-        if self._use_onednn(a.shape[0], lin):  # (g^T a)^T = a^T g: [in, out]
-            self._fresh[lin.weight] = linear_fusion.linear(transposed(a), g.t(), None)
-        else:
-            _mm_into(g.t(), a, lin.weight.grad)
+        (MKL), or held in ``self._fresh`` for the Adam update (oneDNN: a new tensor in the weight's layout, copied
+        into ``weight.grad`` once per chunk by :meth:`_end_chunk`, not once per step)."""
+        w = lin.weight
+        if not self._use_onednn(a.shape[0], lin):
+            _mm_into(g.t(), a, w.grad)
+        elif w.is_contiguous():  # [out, in] = g^T a, ``a`` the operand oneDNN reorders
+            self._fresh[w] = linear_fusion.linear(g.t().contiguous(), a.t(), None)
+        else:  # kernel layout: (g^T a)^T = a^T g, [in, out]
+            self._fresh[w] = linear_fusion.linear(transposed(a), g.t(), None)
 
-    def _input_grad(self, g: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """``g W``: ``g [b, out]`` -> ``[b, in]``."""
+    def _input_grad(self, g: torch.Tensor, lin: nn.Linear, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``g W``: ``g [b, out]`` -> ``[b, in]``; from MKL stored as ``like`` is (a transposed view where the layer
+        below computed its ``z`` transposed, so that the elementwise backward runs on one layout)."""
         if self._use_onednn(g.shape[0], lin):
             return linear_fusion.linear(g.contiguous(), lin.weight.t(), None)
+        if like is not None and not like.is_contiguous() and like.t().is_contiguous():
+            return torch.mm(lin.weight.t(), g.t()).t()
         return torch.mm(g, lin.weight)
 
     def _end_chunk(self) -> None:
@@ -348,7 +366,7 @@ class LeanHeadSteps(EagerHeadSteps):
         self._weight_grad(h, g, out)
         if out.bias is not None:
             torch.sum(g, 0, out=out.bias.grad)
-        da = self._input_grad(g, out) if self.blocks else None
+        da = self._input_grad(g, out, saved[-1][1]) if self.blocks else None
         for i in range(len(self.blocks) - 1, -1, -1):
             lin = self.blocks[i][0]
             h_in, z, noise = saved[i]
@@ -359,7 +377,7 @@ class LeanHeadSteps(EagerHeadSteps):
             if lin.bias is not None:
                 torch.sum(dz, 0, out=lin.bias.grad)
             if i:
-                da = self._input_grad(dz, lin)
+                da = self._input_grad(dz, lin, saved[i - 1][1])
         for cached, counter in zip(self._groups, self._step_counters()):
             grp = cached["group"]
             if counter is None:
@@ -735,8 +753,8 @@ def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats:
     ``a W^T``, weight gradient ``g^T a``, and the input gradient ``g W`` for every layer but the first), each
     product in the fastest of its two memory layouts (weight stored ``[out, in]`` as ``nn.Linear`` keeps it, or
     ``[in, out]``: :func:`kernel_layout`) and, on the CPU, oneDNN's product
-    (:func:`lightning_app.linear_fusion.linear`), best of ``repeats`` x ``inner`` calls (on CUDA replayed from a
-    CUDA graph, as the steps are)."""
+    (:func:`lightning_app.linear_fusion.linear`, also in the transposed forms of :class:`LeanHeadSteps`), best of
+    ``repeats`` x ``inner`` calls (on CUDA replayed from a CUDA graph, as the steps are)."""
     device = torch.device(device)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     total = 0.0
@@ -752,8 +770,10 @@ def matmul_limit(head: nn.Module, batch_size: int, device: Any = "cpu", repeats:
         if i:
             products.append([lambda: torch.mm(g, w, out=da), lambda: torch.mm(g, wk, out=da)])
         if device.type == "cpu" and linear_fusion.available():
-            products[0].append(lambda: linear_fusion.linear(a, wk, None))
-            products[1].append(lambda: linear_fusion.linear(a.t(), g.t(), None))
+            gt = g.t().contiguous()
+            products[0] += [lambda: linear_fusion.linear(a, wk, None), lambda: linear_fusion.linear(w, a, None)]
+            products[1] += [lambda: linear_fusion.linear(a.t(), g.t(), None),
+                            lambda: linear_fusion.linear(gt, a.t(), None)]
             if i:
                 products[2].append(lambda: linear_fusion.linear(g, wk.t(), None))
         total += sum(min(_best_time(fn, device, repeats, inner) for fn in forms) for forms in products)
