@@ -9,7 +9,9 @@
   from torch, say) is reported the same way, naming the class. Anything else keeps its traceback (a bug).
   ``--debug`` on the command line or ``LIGHTNING_APP_DEBUG=1`` shows the traceback in every case;
 * a run stopped by SIGTERM or Ctrl+C (:class:`lightning_app.checkpoint.ModelCheckpoint` turns a first Ctrl+C into
-  Lightning's graceful SIGTERM stop) ends with one line saying where ``last.ckpt`` resumes, exit code 143 / 130.
+  Lightning's graceful SIGTERM stop) ends with one line saying where ``last.ckpt`` resumes, exit code 143 / 130;
+* after a run that finished, the ``torch.distributed`` process group a DDP run left is destroyed
+  (:func:`close_process_group`).
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def run(main: Callable[[Optional[List[str]]], T], argv: Optional[Sequence[str]] 
         argv = pop_debug_flag(argv)
     filter_noise()
     try:
-        return main(argv)
+        result = main(argv)
     except BaseException as exc:  # noqa: BLE001 - re-raised unless it is a user error or an interruption
         if type(exc).__name__ == "SIGTERMException" and not debug_requested():
             # Lightning's graceful stop (SIGTERM, or a first Ctrl+C: lightning_app.checkpoint), a SystemExit
@@ -121,7 +123,21 @@ def run(main: Callable[[Optional[List[str]]], T], argv: Optional[Sequence[str]] 
             raise
         print(format_user_error(err), file=sys.stderr)
         raise SystemExit(2) from None
+    close_process_group()
+    return result
 
 
-__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "debug_requested", "filter_noise", "format_user_error", "pop_debug_flag",
-           "run", "user_error_in"]
+def close_process_group() -> None:
+    """Destroy the default ``torch.distributed`` process group, if one is initialised. Lightning does so at exit only
+    for NCCL; a gloo group (DDP on CPUs) left to the interpreter's teardown sometimes aborted the process after a
+    finished run: "terminate called without an active exception", exit code -6 (pytorch/pytorch#190489; 2 of about
+    10 runs of this project's 2-process DDP test). Called only after a run that finished: after an error another
+    rank may still be waiting in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["DEBUG_ENV", "DEBUG_FLAG", "close_process_group", "debug_requested", "filter_noise", "format_user_error",
+           "pop_debug_flag", "run", "user_error_in"]

@@ -166,3 +166,33 @@ def test_truncated_checkpoint_is_a_checkpoint_error_not_an_eoferror(tmp_path, ca
     err = run_cli_expecting_error([a for a in args if a not in ("--trainer.fast_dev_run", "true")], capsys, monkeypatch)
     assert err.startswith("checkpoint error: checkpoint") and "is truncated or corrupt" in err
     assert "EOFError" not in err.split("(")[0] and len(err.splitlines()) == 1
+
+
+def test_a_finished_run_destroys_the_process_group_and_a_failed_one_leaves_it(tmp_path):
+    """``run`` destroys the ``torch.distributed`` group a DDP run left, once the run finished (a gloo group left to the
+    interpreter's teardown sometimes aborted the process: exit code -6); after an error it is left alone (another
+    rank may still wait in a collective)."""
+    import torch.distributed as dist
+
+    from lightning_app.entry import run
+
+    def init():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    (tmp_path / "store").unlink(missing_ok=True)
+    init()
+    try:
+        assert run(lambda argv: dist.is_initialized(), []) is True  # still there while the run runs
+        assert not dist.is_initialized()
+        (tmp_path / "store").unlink(missing_ok=True)
+        init()
+
+        def fails(argv):
+            raise RuntimeError("a bug")
+
+        with pytest.raises(RuntimeError, match="a bug"):
+            run(fails, [])
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
