@@ -38,14 +38,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: at most this many CUDA graph captures per runner (chunk shapes x re-captures), then eager steps
 MAX_CAPTURES = 8
-#: the written-out CPU steps run a product through oneDNN (where it beats MKL on this CPU:
-#: :func:`~lightning_app.linear_fusion.onednn_linear_faster`) from this many multiply-adds on; smaller ones (the
-#: 10-class output layer) are faster in MKL either way
+#: the written-out CPU steps run a layer's products through oneDNN (where it beats MKL on this CPU:
+#: :func:`~lightning_app.linear_fusion.onednn_linear_faster`) from this many multiply-adds at the batch size of the
+#: first step on; smaller ones (the 10-class output layer) are faster in MKL either way
 MIN_ONEDNN_MACS = 1 << 20
-#: :func:`transposed` stages rows at least this long through a padded copy (faster from 512 floats on)
-MIN_STAGED_TRANSPOSE = 512
-#: floats of padding per staged row (64 bytes)
-TRANSPOSE_PAD = 16
 #: optimizers whose CUDA-graph capture is supported (``capturable`` flag, tensor learning rate)
 CAPTURABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -156,16 +152,22 @@ class LeanHeadSteps(EagerHeadSteps):
         self.label_smoothing = float(label_smoothing)
         self.input_dropout, self.blocks, self.out = _parse_head(head)
         self._groups: Optional[List[Dict[str, Any]]] = None
-        self._onednn: Optional[bool] = None  # decided at the first written-out step
+        self._onednn: Optional[bool] = None  # whether oneDNN's product beats MKL's here (timed once)
+        #: per ``Linear``: whether its products run through oneDNN (decided with its layout, :meth:`_use_layouts`)
+        self._in_onednn: Dict[nn.Linear, bool] = {}
         #: weight -> its gradient of the current step where oneDNN made a new tensor (:meth:`_weight_grad`)
         self._fresh: Dict[nn.Parameter, torch.Tensor] = {}
         self._counters: Optional[List[Optional[torch.Tensor]]] = None  # per chunk: :meth:`_step_counters`
 
     def _use_layouts(self, b: int) -> None:
-        """Weights, gradients and Adam moments of every ``Linear`` in :func:`kernel_layout` where its products at
-        batch ``b`` run in MKL, contiguous ``[out, in]`` where they run in oneDNN (class docstring)."""
+        """Which ``Linear`` runs its products through oneDNN (at least ``MIN_ONEDNN_MACS`` multiply-adds at batch
+        ``b``, where oneDNN's product is the faster), and its weight, gradient and Adam moments stored for that:
+        contiguous ``[out, in]``, else in :func:`kernel_layout` for MKL (class docstring)."""
+        if self._onednn is None:
+            self._onednn = linear_fusion.onednn_linear_faster()
         for lin in [blk[0] for blk in self.blocks] + [self.out]:
-            stored = (lambda t: t.contiguous()) if self._use_onednn(b, lin) else kernel_layout
+            dnn = self._in_onednn[lin] = self._onednn and b * lin.in_features * lin.out_features >= MIN_ONEDNN_MACS
+            stored = (lambda t: t.contiguous()) if dnn else kernel_layout
             w = lin.weight
             w.data = stored(w.data)
             if w.grad is not None:
@@ -254,19 +256,11 @@ class LeanHeadSteps(EagerHeadSteps):
             losses = torch.stack([part.mean() for part in losses.split(list(sizes))])
         return _result(logits, losses, sizes)
 
-    def _use_onednn(self, b: int, lin: nn.Linear) -> bool:
-        """Whether ``lin``'s products at batch ``b`` run through oneDNN (class docstring)."""
-        if self._onednn is None:
-            self._onednn = linear_fusion.onednn_linear_faster()
-        return self._onednn and b * lin.in_features * lin.out_features >= MIN_ONEDNN_MACS
-
     def _forward(self, a: torch.Tensor, lin: nn.Linear, relu: bool) -> torch.Tensor:
-        """``a W^T + b`` (then ReLU'd), ``a [b, in]`` -> ``[b, out]``; from oneDNN with a contiguous weight, the
-        transposed view of ``z^T = W a^T`` (class docstring)."""
+        """``a W^T + b`` (then ReLU'd), ``a [b, in]`` -> ``[b, out]``; from oneDNN the transposed view of
+        ``z^T = W a^T`` (class docstring)."""
         w = lin.weight
-        if self._use_onednn(a.shape[0], lin):
-            if not w.is_contiguous():  # a kernel-layout weight (laid out at a batch size that ran in MKL)
-                return linear_fusion.linear(a.contiguous(), w, lin.bias, "relu" if relu else "none")
+        if self._in_onednn[lin]:
             zt = linear_fusion.linear(w, a, None)  # [out, b]
             if lin.bias is not None:
                 zt.add_(lin.bias.unsqueeze(1))
@@ -279,17 +273,15 @@ class LeanHeadSteps(EagerHeadSteps):
         (MKL), or held in ``self._fresh`` for the Adam update (oneDNN: a new tensor in the weight's layout, copied
         into ``weight.grad`` once per chunk by :meth:`_end_chunk`, not once per step)."""
         w = lin.weight
-        if not self._use_onednn(a.shape[0], lin):
-            _mm_into(g.t(), a, w.grad)
-        elif w.is_contiguous():  # [out, in] = g^T a, ``a`` the operand oneDNN reorders
+        if self._in_onednn[lin]:  # [out, in] = g^T a, ``a`` the operand oneDNN reorders
             self._fresh[w] = linear_fusion.linear(g.t().contiguous(), a.t(), None)
-        else:  # kernel layout: (g^T a)^T = a^T g, [in, out]
-            self._fresh[w] = linear_fusion.linear(transposed(a), g.t(), None)
+        else:
+            _mm_into(g.t(), a, w.grad)
 
     def _input_grad(self, g: torch.Tensor, lin: nn.Linear, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``g W``: ``g [b, out]`` -> ``[b, in]``; from MKL stored as ``like`` is (a transposed view where the layer
         below computed its ``z`` transposed, so that the elementwise backward runs on one layout)."""
-        if self._use_onednn(g.shape[0], lin):
+        if self._in_onednn[lin]:
             return linear_fusion.linear(g.contiguous(), lin.weight.t(), None)
         if like is not None and not like.is_contiguous() and like.t().is_contiguous():
             return torch.mm(lin.weight.t(), g.t()).t()
@@ -418,19 +410,6 @@ def target_grads(labels: torch.Tensor, sizes: Tuple[int, ...], num_classes: int,
     per_row = torch.tensor(sizes, dtype=torch.float32, device=labels.device).repeat_interleave(
         torch.tensor(sizes, device=labels.device))
     return q.div_(per_row.neg_().unsqueeze(1))
-
-
-def transposed(a: torch.Tensor) -> torch.Tensor:
-    """``a.t().contiguous()`` for a contiguous ``[b, n]`` (-> ``[n, b]``), through a copy whose rows are padded by
-    ``TRANSPOSE_PAD`` floats when ``n >= MIN_STAGED_TRANSPOSE``: torch's strided copy reads the unpadded rows
-    about twice as slowly (2-core Zen 5 EPYC, ``b = 32``: 28.7 -> 17.3 us at ``n = 2048``, 53.5 -> 27.7 us at
-    4032; ``b = 64``: 50.1 -> 29.1 us at 2048). Same values."""
-    b, n = a.shape
-    if n < MIN_STAGED_TRANSPOSE:
-        return a.t().contiguous()
-    staged = a.new_empty(b, n + TRANSPOSE_PAD)[:, :n]
-    staged.copy_(a)
-    return staged.t().contiguous()
 
 
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:

@@ -302,24 +302,26 @@ def test_lean_steps_match_eager_steps_cpu(tmp_path, monkeypatch):
         torch.testing.assert_close(head_l[k], head_e[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+@pytest.mark.parametrize("mode", ["mkl", "onednn", "mixed"])
 @pytest.mark.parametrize("hidden, dropout, opt", [([], 0.3, "adam"), ([16, 8], 0.2, "adamw"), ([16], 0.0, "amsgrad"),
                                                   ([12], 0.5, "adam-wd")])
-def test_lean_step_equals_autograd_for_every_head_layout(monkeypatch, hidden, dropout, opt, onednn):
+def test_lean_step_equals_autograd_for_every_head_layout(monkeypatch, hidden, dropout, opt, mode):
     """The written-out CPU step against autograd on the same chunks: same losses, logits and weights, for heads
     without hidden layers (input dropout), with two hidden layers, without dropout; Adam, AdamW, AMSGrad, L2; with
-    its products in MKL and in oneDNN (weight and input gradients, and the forward computed transposed with the
-    weight as oneDNN's source: such layers keep ``[out, in]`` weights and moments, the MKL ones the kernel layout)."""
+    its products in MKL, in oneDNN (weight and input gradients, and the forward computed transposed with the
+    weight as oneDNN's source: such layers keep ``[out, in]`` weights and moments, the MKL ones the kernel layout),
+    and mixed as the CIFAR-10 head runs (hidden layers in oneDNN, the small output layer in MKL)."""
     from lightning_app import linear_fusion
     from lightning_app.head_steps import lean_blocker
     from lightning_app.module import build_head
 
-    if onednn and not linear_fusion.available():
+    if mode != "mkl" and not linear_fusion.available():
         pytest.skip("this PyTorch build has no oneDNN linear op")
     onednn_calls = []
     real_linear = linear_fusion.linear
-    monkeypatch.setattr(linear_fusion, "onednn_linear_faster", lambda: onednn)
-    monkeypatch.setattr(head_steps, "MIN_ONEDNN_MACS", 0)
+    monkeypatch.setattr(linear_fusion, "onednn_linear_faster", lambda: mode != "mkl")
+    # mixed: 8 x 24 x 16, 8 x 16 x 8, 8 x 24 x 12 multiply-adds in oneDNN; the output layers (<= 8 x 24 x 4) in MKL
+    monkeypatch.setattr(head_steps, "MIN_ONEDNN_MACS", 1000 if mode == "mixed" else 0)
     monkeypatch.setattr(linear_fusion, "linear",
                         lambda *a, **k: onednn_calls.append(a[0].data_ptr()) or real_linear(*a, **k))
 
@@ -346,16 +348,17 @@ def test_lean_step_equals_autograd_for_every_head_layout(monkeypatch, hidden, dr
         runs.append((losses, torch.cat(logits), {k: v.clone() for k, v in head.state_dict().items()}))
         if runner_cls is LeanHeadSteps:
             linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+            dnn = [mode == "onednn" or (mode == "mixed" and lin is not linears[-1]) for lin in linears]
             sources = {lin.weight.data_ptr() for lin in linears}
-            for lin in linears:
+            for lin, in_dnn in zip(linears, dnn):
                 st = optim.state[lin.weight]
                 for t in (lin.weight, lin.weight.grad, st["exp_avg"], st["exp_avg_sq"]):
-                    assert t.is_contiguous() if onednn else (t.t().is_contiguous() and not t.is_contiguous())
+                    assert t.is_contiguous() if in_dnn else (t.t().is_contiguous() and not t.is_contiguous())
     (l_lean, lg_lean, w_lean), (l_eager, lg_eager, w_eager) = runs
-    # per step: forward, weight gradient and (but the first layer) input gradient of each Linear
+    # per step and oneDNN layer: forward, weight gradient and (but the first layer) input gradient
     written_out = len(l_lean) - 1  # the first step is an ordinary one (it creates the optimizer state)
-    assert len(onednn_calls) == written_out * (3 * (len(hidden) + 1) - 1) * onednn
-    assert sum(ptr in sources for ptr in onednn_calls) == written_out * (len(hidden) + 1) * onednn  # the forwards
+    assert len(onednn_calls) == written_out * sum((2 + (i > 0)) * d for i, d in enumerate(dnn))
+    assert sum(ptr in sources for ptr in onednn_calls) == written_out * sum(dnn)  # the forwards
     np.testing.assert_allclose(l_lean, l_eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lg_lean, lg_eager, rtol=1e-5, atol=1e-5)
     for k in w_eager:
