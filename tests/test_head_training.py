@@ -1,5 +1,6 @@
 """Head training on cached features: device-resident rows in the documented order, many optimizer steps per
 Lightning step, the same training as the plain DataLoader loop."""
+import copy
 import warnings
 from functools import partial
 
@@ -527,3 +528,56 @@ def test_lean_step_called_directly_equals_autograd():
         results.append((losses, head[0].weight.detach().clone()))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mkl", "onednn"])
+def test_lean_steps_restore_dropped_gradients_without_an_ordinary_step(monkeypatch, mode):
+    """Lightning drops the gradients before every validation (``on_validation_model_zero_grad``): the written-out
+    steps then make zero buffers in each weight's layout and go on without an ordinary ``Optimizer.step``, with the
+    numbers of autograd dropping its gradients at the same points; a replaced optimizer state still gets one."""
+    from lightning_app import linear_fusion
+    from lightning_app.module import build_head
+
+    if mode == "onednn" and not linear_fusion.available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    monkeypatch.setattr(linear_fusion, "onednn_linear_faster", lambda: mode == "onednn")
+    monkeypatch.setattr(head_steps, "MIN_ONEDNN_MACS", 0)
+    feats, labels = features(n=70, dim=24)
+    runs = []
+    for runner_cls in (LeanHeadSteps, EagerHeadSteps):
+        torch.manual_seed(0)
+        head = build_head(24, [16], 0.2, 4).train()
+        optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
+        runner = (runner_cls(head, 0.0, optim) if runner_cls is LeanHeadSteps
+                  else runner_cls(head, F.cross_entropy, optim))
+        calls = []
+        real_step = optim.step
+        optim.step = lambda *a, **k: calls.append(1) or real_step(*a, **k)
+        loader = FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)
+        torch.manual_seed(7)
+        losses, layouts = [], []
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)
+            for chunk in loader:
+                losses += runner.run(chunk).losses.tolist()
+            layouts.append([(lin.weight.stride(), lin.weight.grad.stride()) for lin in (head[0], head[3])])
+            head.zero_grad(set_to_none=True)  # what Lightning does before validation
+        runs.append((losses, {k: v.clone() for k, v in head.state_dict().items()}, len(calls), layouts))
+    (l_lean, w_lean, calls_lean, layouts), (l_eager, w_eager, calls_eager, _) = runs
+    assert calls_lean == 1 and calls_eager == len(l_eager)  # the lean runner's first step only
+    assert all(w == g for epoch in layouts for w, g in epoch) and layouts[0] == layouts[-1]
+    np.testing.assert_allclose(l_lean, l_eager, rtol=1e-5, atol=1e-6)
+    for k in w_eager:
+        torch.testing.assert_close(w_lean[k], w_eager[k], rtol=1e-5, atol=1e-6)
+    # a new optimizer state (as a loaded checkpoint brings): one ordinary step again
+    head = build_head(24, [16], 0.2, 4).train()
+    optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
+    runner = LeanHeadSteps(head, 0.0, optim)
+    chunk = next(iter(FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)))
+    runner.run(chunk)
+    optim.load_state_dict(copy.deepcopy(optim.state_dict()))  # new state tensors
+    calls = []
+    real_step = optim.step
+    optim.step = lambda *a, **k: calls.append(1) or real_step(*a, **k)
+    runner.run(chunk)
+    assert calls == [1]
