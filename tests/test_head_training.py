@@ -21,6 +21,13 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 
 
+def _runner(runner_cls, head, optim, label_smoothing=0.0):
+    """A :class:`LeanHeadSteps` or :class:`EagerHeadSteps` over ``head`` with cross-entropy at ``label_smoothing``."""
+    if runner_cls is LeanHeadSteps:
+        return LeanHeadSteps(head, label_smoothing, optim)
+    return runner_cls(head, lambda lg, y: F.cross_entropy(lg, y, label_smoothing=label_smoothing), optim)
+
+
 def features(n=203, dim=96, classes=4, seed=0):  # test_resnet: 96 features
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(classes, dim)).astype(np.float32)
@@ -335,8 +342,7 @@ def test_lean_step_equals_autograd_for_every_head_layout(monkeypatch, hidden, dr
         head = build_head(24, hidden, dropout, 4).train()
         optim = cls(head.parameters(), lr=1e-2, fused=True, **kwargs[opt])
         assert lean_blocker(head, optim) is None
-        runner = (runner_cls(head, 0.05, optim) if runner_cls is LeanHeadSteps
-                  else runner_cls(head, lambda lg, y: F.cross_entropy(lg, y, label_smoothing=0.05), optim))
+        runner = _runner(runner_cls, head, optim, 0.05)
         loader = FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)
         torch.manual_seed(7)
         losses, logits = [], []
@@ -381,8 +387,7 @@ def test_lean_step_fallbacks_equal_autograd(case):
         head = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), Dropout(p[0]), torch.nn.Linear(16, 8),
                                    torch.nn.ReLU(), Dropout(p[1]), torch.nn.Linear(8, 4)).train()
         optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
-        runner = (runner_cls(head, 0.0, optim) if runner_cls is LeanHeadSteps
-                  else runner_cls(head, F.cross_entropy, optim))
+        runner = _runner(runner_cls, head, optim)
         loader = FeatureLoader(feats, labels, batch_size=8, steps_per_execution=4, seed=1)
         torch.manual_seed(7)
         losses = []
@@ -471,8 +476,7 @@ def test_lean_step_draws_a_plain_nn_dropouts_masks_too():
         head = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.ReLU(), torch.nn.Dropout(0.4),
                                    torch.nn.Linear(16, 4)).train()
         optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
-        runner = (runner_cls(head, 0.0, optim) if runner_cls is LeanHeadSteps
-                  else runner_cls(head, F.cross_entropy, optim))
+        runner = _runner(runner_cls, head, optim)
         torch.manual_seed(7)
         losses = []
         for chunk in FeatureLoader(feats, labels, batch_size=8, steps_per_execution=5, seed=1):
@@ -520,8 +524,7 @@ def test_lean_step_called_directly_equals_autograd():
         torch.manual_seed(0)
         head = build_head(24, [16], 0.0, 4).train()
         opt = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
-        runner = (cls(head, 0.1, opt) if cls is LeanHeadSteps
-                  else cls(head, lambda lg, y: F.cross_entropy(lg, y, label_smoothing=0.1), opt))
+        runner = _runner(cls, head, opt, 0.1)
         torch.manual_seed(1)
         x, y = torch.randn(8, 24), torch.randint(0, 4, (8,))
         losses = [runner.step(x, y)[1].item() for _ in range(3)]
@@ -548,8 +551,7 @@ def test_lean_steps_restore_dropped_gradients_without_an_ordinary_step(monkeypat
         torch.manual_seed(0)
         head = build_head(24, [16], 0.2, 4).train()
         optim = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
-        runner = (runner_cls(head, 0.0, optim) if runner_cls is LeanHeadSteps
-                  else runner_cls(head, F.cross_entropy, optim))
+        runner = _runner(runner_cls, head, optim)
         calls = []
         real_step = optim.step
         optim.step = lambda *a, **k: calls.append(1) or real_step(*a, **k)
