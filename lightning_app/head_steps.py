@@ -155,9 +155,14 @@ class LeanHeadSteps(EagerHeadSteps):
         self._onednn: Optional[bool] = None  # whether oneDNN's product beats MKL's here (timed once)
         #: per ``Linear``: whether its products run through oneDNN (decided with its layout, :meth:`_use_layouts`)
         self._in_onednn: Dict[nn.Linear, bool] = {}
+        #: per ``Linear``: its ``(weight, bias)`` parameters (``Module.__getattr__`` costs about a microsecond, and a
+        #: step read them some twenty times)
+        self._wb: Dict[nn.Linear, Tuple[nn.Parameter, Optional[nn.Parameter]]] = {}
         #: weight -> its gradient of the current step where oneDNN made a new tensor (:meth:`_weight_grad`)
         self._fresh: Dict[nn.Parameter, torch.Tensor] = {}
         self._counters: Optional[List[Optional[torch.Tensor]]] = None  # per chunk: :meth:`_step_counters`
+        self._calls: Optional[List[Tuple[Callable[..., Any], Dict[str, Any], Optional[torch.Tensor], int,
+                                         Dict[str, Any]]]] = None  # per chunk: :meth:`_adam_calls`
 
     def _use_layouts(self, b: int) -> None:
         """Which ``Linear`` runs its products through oneDNN (at least ``MIN_ONEDNN_MACS`` multiply-adds at batch
@@ -167,6 +172,7 @@ class LeanHeadSteps(EagerHeadSteps):
             self._onednn = linear_fusion.onednn_linear_faster()
         for lin in [blk[0] for blk in self.blocks] + [self.out]:
             dnn = self._in_onednn[lin] = self._onednn and b * lin.in_features * lin.out_features >= MIN_ONEDNN_MACS
+            self._wb[lin] = (lin.weight, lin.bias)
             stored = (lambda t: t.contiguous()) if dnn else kernel_layout
             w = lin.weight
             w.data = stored(w.data)
@@ -278,20 +284,20 @@ class LeanHeadSteps(EagerHeadSteps):
     def _forward(self, a: torch.Tensor, lin: nn.Linear, relu: bool) -> torch.Tensor:
         """``a W^T + b`` (then ReLU'd), ``a [b, in]`` -> ``[b, out]``; from oneDNN the transposed view of
         ``z^T = W a^T`` (class docstring)."""
-        w = lin.weight
+        w, bias = self._wb[lin]
         if self._in_onednn[lin]:
             zt = linear_fusion.linear(w, a, None)  # [out, b]
-            if lin.bias is not None:
-                zt.add_(lin.bias.unsqueeze(1))
+            if bias is not None:
+                zt.add_(bias.unsqueeze(1))
             return (zt.relu_() if relu else zt).t()
-        z = torch.addmm(lin.bias, a, w.t()) if lin.bias is not None else torch.mm(a, w.t())
+        z = torch.addmm(bias, a, w.t()) if bias is not None else torch.mm(a, w.t())
         return z.relu_() if relu else z
 
     def _weight_grad(self, a: torch.Tensor, g: torch.Tensor, lin: nn.Linear) -> None:
         """The gradient ``g^T a`` of ``lin.weight`` (``a [b, in]``, ``g [b, out]``): written into ``weight.grad``
         (MKL), or held in ``self._fresh`` for the Adam update (oneDNN: a new tensor in the weight's layout, copied
         into ``weight.grad`` once per chunk by :meth:`_end_chunk`, not once per step)."""
-        w = lin.weight
+        w = self._wb[lin][0]
         if self._in_onednn[lin]:  # [out, in] = g^T a, ``a`` the operand oneDNN reorders
             self._fresh[w] = linear_fusion.linear(g.t().contiguous(), a.t(), None)
         else:
@@ -300,11 +306,12 @@ class LeanHeadSteps(EagerHeadSteps):
     def _input_grad(self, g: torch.Tensor, lin: nn.Linear, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``g W``: ``g [b, out]`` -> ``[b, in]``; from MKL stored as ``like`` is (a transposed view where the layer
         below computed its ``z`` transposed, so that the elementwise backward runs on one layout)."""
+        w = self._wb[lin][0]
         if self._in_onednn[lin]:
-            return linear_fusion.linear(g.contiguous(), lin.weight.t(), None)
+            return linear_fusion.linear(g.contiguous(), w.t(), None)
         if like is not None and not like.is_contiguous() and like.t().is_contiguous():
-            return torch.mm(lin.weight.t(), g.t()).t()
-        return torch.mm(g, lin.weight)
+            return torch.mm(w.t(), g.t()).t()
+        return torch.mm(g, w)
 
     def _end_chunk(self) -> None:
         """After a chunk (or an error in it): the last step's oneDNN weight gradients into ``.grad`` and the step
@@ -316,6 +323,23 @@ class LeanHeadSteps(EagerHeadSteps):
             for st in cached["steps"] if counter is not None else ():
                 st.copy_(counter)
         self._counters = None
+        self._calls = None
+
+    def _adam_calls(self) -> List[Tuple[Callable[..., Any], Dict[str, Any], Optional[torch.Tensor], int,
+                                        Dict[str, Any]]]:
+        """Per param group, made once per chunk (each dictionary lookup costs on a ~0.4 ms step): the fused kernel,
+        the cached tensor lists, the shared step counter (:meth:`_step_counters`), the number of parameters, and
+        the hyperparameters but the learning rate (read at every step)."""
+        if self._calls is None:
+            self._calls = []
+            for cached, counter in zip(self._groups, self._step_counters()):
+                grp = cached["group"]
+                fused = torch._fused_adamw_ if grp.get("decoupled_weight_decay", False) else torch._fused_adam_
+                beta1, beta2 = grp["betas"]
+                self._calls.append((fused, cached, counter, len(cached["steps"]), dict(
+                    beta1=beta1, beta2=beta2, weight_decay=grp["weight_decay"], eps=grp["eps"],
+                    amsgrad=grp["amsgrad"], maximize=grp["maximize"])))
+        return self._calls
 
     def _step_counters(self) -> List[Optional[torch.Tensor]]:
         """Per param group, one step counter for the chunk, shared by the group's parameters (one ``add_`` per
@@ -375,8 +399,9 @@ class LeanHeadSteps(EagerHeadSteps):
         logits = self._forward(h, out, relu=False)
         g = torch.add(neg_q, torch.softmax(logits, 1), alpha=1.0 / b)  # d loss / d logits
         self._weight_grad(h, g, out)
-        if out.bias is not None:
-            torch.sum(g, 0, out=out.bias.grad)
+        out_bias = self._wb[out][1]
+        if out_bias is not None:
+            torch.sum(g, 0, out=out_bias.grad)
         da = self._input_grad(g, out, saved[-1][1]) if self.blocks else None
         for i in range(len(self.blocks) - 1, -1, -1):
             lin = self.blocks[i][0]
@@ -385,28 +410,26 @@ class LeanHeadSteps(EagerHeadSteps):
                 da.mul_(noise)
             dz = torch.ops.aten.threshold_backward(da, z, 0)
             self._weight_grad(h_in, dz, lin)
-            if lin.bias is not None:
-                torch.sum(dz, 0, out=lin.bias.grad)
+            bias = self._wb[lin][1]
+            if bias is not None:
+                torch.sum(dz, 0, out=bias.grad)
             if i:
                 da = self._input_grad(dz, lin, saved[i - 1][1])
-        for cached, counter in zip(self._groups, self._step_counters()):
-            grp = cached["group"]
+        for fused, cached, counter, n, hyper in self._adam_calls():
             if counter is None:
                 steps = cached["steps"]
                 torch._foreach_add_(steps, 1)
             else:
-                steps = [counter.add_(1)] * len(cached["steps"])
-            fused = torch._fused_adamw_ if grp.get("decoupled_weight_decay", False) else torch._fused_adam_
-            beta1, beta2 = grp["betas"]
+                steps = [counter.add_(1)] * n
             grads = cached["grads"]
             if self._fresh:
                 grads = list(grads)
+                slots = cached["slots"]
                 for w, grad in self._fresh.items():
-                    if w in cached["slots"]:
-                        grads[cached["slots"][w]] = grad
-            fused(cached["params"], grads, cached["exp_avgs"], cached["exp_avg_sqs"],
-                  cached["max_exp_avg_sqs"], steps, lr=grp["lr"], beta1=beta1, beta2=beta2,
-                  weight_decay=grp["weight_decay"], eps=grp["eps"], amsgrad=grp["amsgrad"], maximize=grp["maximize"])
+                    if w in slots:
+                        grads[slots[w]] = grad
+            fused(cached["params"], grads, cached["exp_avgs"], cached["exp_avg_sqs"], cached["max_exp_avg_sqs"], steps,
+                  lr=cached["group"]["lr"], **hyper)
         return logits
 
 
