@@ -161,8 +161,6 @@ class LeanHeadSteps(EagerHeadSteps):
         #: weight -> its gradient of the current step where oneDNN made a new tensor (:meth:`_weight_grad`)
         self._fresh: Dict[nn.Parameter, torch.Tensor] = {}
         self._counters: Optional[List[Optional[torch.Tensor]]] = None  # per chunk: :meth:`_step_counters`
-        self._calls: Optional[List[Tuple[Callable[..., Any], Dict[str, Any], Optional[torch.Tensor], int,
-                                         Dict[str, Any]]]] = None  # per chunk: :meth:`_adam_calls`
 
     def _use_layouts(self, b: int) -> None:
         """Which ``Linear`` runs its products through oneDNN (at least ``MIN_ONEDNN_MACS`` multiply-adds at batch
@@ -200,45 +198,50 @@ class LeanHeadSteps(EagerHeadSteps):
                 "max_exp_avg_sqs": [_flat(st["max_exp_avg_sq"]) for st in states] if g["amsgrad"] else [],
                 "steps": [st["step"] for st in states],
                 "slots": {p: i for i, p in enumerate(params)},
-                "ptrs": _storage_ptrs(params, states), "state_ptrs": _storage_ptrs(params, states, grads=False),
+                "ptrs": _storage_ptrs(params, states), "grad_ptrs": _grad_ptrs(params),
             })
         return groups
 
-    def _groups_valid(self) -> bool:
+    def _state_unchanged(self) -> bool:
+        """Whether the cached tensor lists still point at the parameters and their optimizer state (a loaded
+        checkpoint brings new state tensors)."""
         if self._groups is None:
             return False
         for cached in self._groups:
             params = cached["owners"]
             states = [self.optimizer.state.get(p) for p in params]
-            if any(not st for st in states) or any(p.grad is None for p in params) or \
-                    cached["ptrs"] != _storage_ptrs(params, states):
+            if any(not st for st in states) or cached["ptrs"] != _storage_ptrs(params, states):
                 return False
         return True
 
-    def _restore_grads(self) -> bool:
-        """After Lightning dropped the gradients (``on_validation_model_zero_grad``, before every validation) with
-        the parameters and the optimizer state where they were: zero gradient buffers again, in each weight's
-        layout, and the tensor lists, instead of an ordinary step (autograd, ``Optimizer.step``: 2.6 ms of the
-        CIFAR-10 head's epoch). ``False`` where anything else changed."""
-        if self._groups is None:
-            return False
-        for cached in self._groups:
-            params = cached["owners"]
-            states = [self.optimizer.state.get(p) for p in params]
-            if any(not st for st in states) or cached["state_ptrs"] != _storage_ptrs(params, states, grads=False):
-                return False
+    def _groups_valid(self) -> bool:
+        """Whether the cached tensor lists still point at the parameters, their state and their gradients."""
+        return self._state_unchanged() and all(
+            all(p.grad is not None for p in cached["owners"]) and cached["grad_ptrs"] == _grad_ptrs(cached["owners"])
+            for cached in self._groups)
+
+    def _zero_missing_grads(self) -> None:
+        """A zero gradient buffer for every head parameter without one, in the parameter's layout (``zeros_like``
+        keeps its strides): the written-out backward writes into them."""
         for p in self.head.parameters():
             if p.grad is None:
-                p.grad = torch.zeros_like(p)  # the parameter's strides: its layout
+                p.grad = torch.zeros_like(p)
+
+    def _restore_grads(self) -> bool:
+        """After Lightning dropped the gradients (``on_validation_model_zero_grad``, before every validation) with
+        the parameters and the optimizer state where they were: zero gradient buffers again and the tensor lists,
+        instead of an ordinary step (autograd, ``Optimizer.step``: 2.6 ms of the CIFAR-10 head's epoch). ``False``
+        where anything else changed."""
+        if not self._state_unchanged():
+            return False
+        self._zero_missing_grads()
         self._groups = self._adam_groups()
         return self._groups is not None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._groups is None:
             logits, loss = super().step(x, y)  # an ordinary step: creates (or re-reads) the optimizer state
-            for p in self.head.parameters():  # persistent gradient buffers for the written-out backward
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            self._zero_missing_grads()
             self._use_layouts(x.shape[0])
             self._groups = self._adam_groups()
             return logits, loss
@@ -323,23 +326,6 @@ class LeanHeadSteps(EagerHeadSteps):
             for st in cached["steps"] if counter is not None else ():
                 st.copy_(counter)
         self._counters = None
-        self._calls = None
-
-    def _adam_calls(self) -> List[Tuple[Callable[..., Any], Dict[str, Any], Optional[torch.Tensor], int,
-                                        Dict[str, Any]]]:
-        """Per param group, made once per chunk (each dictionary lookup costs on a ~0.4 ms step): the fused kernel,
-        the cached tensor lists, the shared step counter (:meth:`_step_counters`), the number of parameters, and
-        the hyperparameters but the learning rate (read at every step)."""
-        if self._calls is None:
-            self._calls = []
-            for cached, counter in zip(self._groups, self._step_counters()):
-                grp = cached["group"]
-                fused = torch._fused_adamw_ if grp.get("decoupled_weight_decay", False) else torch._fused_adam_
-                beta1, beta2 = grp["betas"]
-                self._calls.append((fused, cached, counter, len(cached["steps"]), dict(
-                    beta1=beta1, beta2=beta2, weight_decay=grp["weight_decay"], eps=grp["eps"],
-                    amsgrad=grp["amsgrad"], maximize=grp["maximize"])))
-        return self._calls
 
     def _step_counters(self) -> List[Optional[torch.Tensor]]:
         """Per param group, one step counter for the chunk, shared by the group's parameters (one ``add_`` per
@@ -415,12 +401,15 @@ class LeanHeadSteps(EagerHeadSteps):
                 torch.sum(dz, 0, out=bias.grad)
             if i:
                 da = self._input_grad(dz, lin, saved[i - 1][1])
-        for fused, cached, counter, n, hyper in self._adam_calls():
+        for cached, counter in zip(self._groups, self._step_counters()):
+            grp = cached["group"]
             if counter is None:
                 steps = cached["steps"]
                 torch._foreach_add_(steps, 1)
             else:
-                steps = [counter.add_(1)] * n
+                steps = [counter.add_(1)] * len(cached["steps"])
+            fused = torch._fused_adamw_ if grp.get("decoupled_weight_decay", False) else torch._fused_adam_
+            beta1, beta2 = grp["betas"]
             grads = cached["grads"]
             if self._fresh:
                 grads = list(grads)
@@ -429,15 +418,20 @@ class LeanHeadSteps(EagerHeadSteps):
                     if w in slots:
                         grads[slots[w]] = grad
             fused(cached["params"], grads, cached["exp_avgs"], cached["exp_avg_sqs"], cached["max_exp_avg_sqs"], steps,
-                  lr=cached["group"]["lr"], **hyper)
+                  lr=grp["lr"], beta1=beta1, beta2=beta2, weight_decay=grp["weight_decay"], eps=grp["eps"],
+                  amsgrad=grp["amsgrad"], maximize=grp["maximize"])
         return logits
 
 
-def _storage_ptrs(params: List[torch.Tensor], states: List[Dict[str, Any]], grads: bool = True) -> Tuple[int, ...]:
-    """Where each parameter, its gradient (unless ``grads`` is false) and its optimizer state live: the written-out
-    steps' tensor lists are valid while these stay the same."""
-    return tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, *((p.grad,) if grads else ()),
-                                                                         *st.values()))
+def _storage_ptrs(params: List[torch.Tensor], states: List[Dict[str, Any]]) -> Tuple[int, ...]:
+    """Where each parameter and its optimizer state live (the written-out steps' tensor lists are valid while these
+    and :func:`_grad_ptrs` stay the same)."""
+    return tuple(t.data_ptr() for p, st in zip(params, states) for t in (p, *st.values()))
+
+
+def _grad_ptrs(params: List[torch.Tensor]) -> Tuple[int, ...]:
+    """Where each parameter's gradient lives (every one has a gradient)."""
+    return tuple(p.grad.data_ptr() for p in params)
 
 
 def target_grads(labels: torch.Tensor, sizes: Tuple[int, ...], num_classes: int,

@@ -74,9 +74,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str = "none"
            algorithm: Optional[str] = None) -> Tensor:
     """``act(x @ weight^T + bias)`` in one oneDNN call: ``x [*, in]``, ``weight [out, in]`` -> ``[*, out]``; float32
     CPU tensors, no autograd. ``attr`` names the post-op (``"none"``, ``"relu"``, ``"gelu"`` ...)."""
-    # the overload itself: the op packet's overload resolution costs about a microsecond per call (the head's
-    # written-out step makes three of these calls in ~0.4 ms)
-    return torch.ops.mkldnn._linear_pointwise.default(x, weight, bias, attr, scalars or [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars or [], algorithm)
 
 
 class LinearAct(nn.Module):
