@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lightning_app.layout import is_channels_last
 from lightning_app.same_conv import conv_operands, explicit_pads, pads_explicitly
 from lightning_app.tracing import trace_producer_consumer_pairs
 
@@ -79,8 +80,7 @@ class ReorderedWeight:
     def __call__(self, weight: Tensor, x: Tensor, padding: Sequence[int]) -> Tensor:
         """``weight`` reordered for a channels_last input of ``x``'s shape, or ``weight`` itself for other inputs, a
         depthwise convolution, an inference tensor (no version to follow) or under ``torch.compile``."""
-        if (torch.compiler.is_compiling() or self.depthwise or weight.is_inference() or x.is_contiguous()
-                or not x.is_contiguous(memory_format=torch.channels_last)):
+        if torch.compiler.is_compiling() or self.depthwise or weight.is_inference() or not is_channels_last(x):
             return weight
         key = (weight._version, weight.data_ptr())
         if key != self._key:

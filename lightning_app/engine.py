@@ -613,15 +613,11 @@ class InferenceEngine(nn.Module):
         return self._copy
 
     # -- running
-    @property
-    def _channels_last(self) -> bool:
-        """Whether the copy is fed channels_last: as the options say, unless it runs NNPACK's NCHW convolutions."""
-        return self.options.channels_last and not self._n_winograd
-
     def input_memory_format(self) -> torch.memory_format:
         """The memory format the copy takes its ``[B, C, H, W]`` input in (a batch in another one is converted):
         channels_last as the options say, NCHW where it runs NNPACK's convolutions (known once built)."""
-        return torch.channels_last if self._channels_last else torch.contiguous_format
+        channels_last = self.options.channels_last and not self._n_winograd
+        return torch.channels_last if channels_last else torch.contiguous_format
 
     def _prepare(self, x: Tensor) -> Tensor:
         if x.ndim == 4:

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from lightning_app.layout import is_channels_last
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, mean and std on the [0, 1] scale (see ``zoo.preprocessing``).
@@ -28,7 +30,7 @@ class Normalize(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected float images in [0, 1], got {x.dtype} (convert uint8 with x.float() / 255)")
         mean, std = self.mean.to(x.dtype), self.std.to(x.dtype)
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if is_channels_last(x):
             # channels_last (the inference engine's layout): broadcasting 3 channels innermost runs an unvectorised
             # loop of 3; as rows of W * C values against the tiled mean / std it is the same arithmetic, 4.9x faster
             # (16 x 224 x 224 on a 2-core Zen 5 EPYC: 2.09 -> 0.43 ms), bit-identical
