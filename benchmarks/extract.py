@@ -87,6 +87,8 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         out["host_other_ms"] = 1e3 * steady["host_other_s"] / steady["batches"]
         out["device_step_ms"] = 1e3 * steady["step_s"] / steady["batches"]
     out["device"] = "cuda" if out["env"].get("accelerator") == "cuda" else "cpu"
+    if cli.model.inference_options.enabled:  # what the engine made of the model (e.g. "BatchNorm folded 0/N")
+        out["engine_status"] = cli.model.engine.status
     # the image DataModule the features came from, and the train split's first rows (sanity guard)
     fdm = cli.datamodule
     source = getattr(fdm, "source", None)
@@ -203,7 +205,8 @@ def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], back
             r[f"rel_diff_{runner}"] = rel_diff(r["sample_features"], ref)
             if r[f"rel_diff_{runner}"] > 5e-2:
                 res.note(f"{model}: ours and {runner} features differ by {r[f'rel_diff_{runner}']:.1e} "
-                         "(max rel.) on the same images and weights: check before trusting the timing")
+                         "(max rel.) on the same images and weights: check before trusting the timing"
+                         + (f" (ours' inference engine: {r['engine_status']})" if r.get("engine_status") else ""))
         r.pop("sample_features")
     for runner in KERAS_RUNNERS.values():  # the most any implementation of the same arithmetic gains over Keras
         ref = res.find(runner, model=model)

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,6 +140,24 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
     assert rows["ours"]["over_keras-tensorflow_batches"] == pytest.approx(12.0 / 9.0)
 
 
+def test_extract_sanity_guard_names_the_engines_status_when_features_disagree(tmp_path):
+    """Ours and Keras features further apart than 5e-2 on the same images and weights: the note says so and what
+    the inference engine made of the model (e.g. BatchNorm left unfolded: a path real weights do not take)."""
+    extract = _load("extract")
+    keras_file = tmp_path / "k.npy"
+    np.save(keras_file, np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32))
+    entry = SimpleNamespace(input_size=32)
+    for ours, expect_note in (([[3.0, 4.0], [5.0, 6.0]], False), ([[3.0, 4.0], [5.0, 9.0]], True)):
+        res = _harness.Results("extract", None, {})
+        row = {"img_s": 1.0, "sample_ids": [1, 2], "sample_features": ours, "precision": "32-true",
+               "engine_status": "eager, BatchNorm folded 0/12"}
+        extract._add_ours(res, row, {"keras-jax": keras_file}, [], "float32", "M", entry)
+        notes = res.doc["notes"]
+        assert bool(notes) == expect_note
+        if expect_note:
+            assert "differ by 5.0e-01" in notes[0] and "BatchNorm folded 0/12" in notes[0]
+
+
 @pytest.mark.parametrize("size,resize_on", [(32, None), (40, "workers")])
 def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     extract = _load("extract")
@@ -158,6 +177,7 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     assert r["host_step_ms"] > 0 and r["device_step_ms"] > 0 and math.isfinite(r["host_other_ms"])
     assert r["host_step_ms"] == pytest.approx(r["device_step_ms"], rel=0.2)  # the CPU: one clock, synchronous
     assert len(r["sample_features"]) == 2 and r["sample_ids"] == sorted(r["sample_ids"])
+    assert "BatchNorm folded" in r["engine_status"]  # what the engine made of the model, for the sanity guard's note
     assert r["model_gflop"] > 0 and r["gemm_gflop_s"] > 0
     assert r["limit_img_s"] == pytest.approx(r["gemm_gflop_s"] / r["model_gflop"])
     assert r["pct_of_limit"] == pytest.approx(100 * r["img_s"] / r["limit_img_s"])
