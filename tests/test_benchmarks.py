@@ -119,7 +119,7 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
             Path(spec["h5"]).write_bytes(b"h5")
         rate = rates[runner][sum(c[0] == runner for c in calls) - 1]
         if runner == "ours":
-            return {"img_s": rate, "precision": "32-true"}
+            return {"img_s": rate, "precision": "32-true", "limit_img_s": 36.0}
         np.save(spec["features"], np.zeros((2, 4), np.float32))
         return {"img_s": rate / 2, "batches_img_s": rate}
 
@@ -138,6 +138,9 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
     assert rows["ours"]["img_s"] == 12.0 and rows["ours"]["rounds_img_s"] == [11.0, 12.0, 10.0]
     assert rows["ours"]["over_keras-jax_batches"] == pytest.approx(2.0)
     assert rows["ours"]["over_keras-tensorflow_batches"] == pytest.approx(12.0 / 9.0)
+    # the limit against Keras's whole predict rate and against its batches alone, kept apart
+    assert rows["ours"]["limit_over_keras-tensorflow"] == pytest.approx(36.0 / 4.5)
+    assert rows["ours"]["limit_over_keras-tensorflow_batches"] == pytest.approx(36.0 / 9.0)
 
 
 def test_extract_sanity_guard_names_the_engines_status_when_features_disagree(tmp_path):
