@@ -510,6 +510,38 @@ def test_engine_never_serves_stale_weights_after_an_optimizer_step():
         assert relative_error(m.features(x), after) <= 1e-6
 
 
+def test_engine_plan_finds_changes_made_behind_the_version_counters():
+    """Changes through ``.data`` bump no version counter: in place (``p.data.mul_``) or by reassignment. The start
+    of a run (``plan``, which the module calls) finds both, the first by the fingerprint of the values, and the
+    engine serves the new weights; a run start with nothing changed refreshes nothing."""
+    m = _module()
+    x = torch.rand(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        before = m.features(x)
+    m.engine.plan(None)
+    refreshes = m.engine.stats["refreshes"]
+    m.engine.plan(None)
+    assert m.engine.stats["refreshes"] == refreshes  # nothing changed: no refresh
+
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.data.mul_(0.5)  # in place, behind the version counter
+    m.engine.plan(None)
+    with torch.no_grad():
+        halved = m.features(x)
+    assert relative_error(halved, before) > 1e-3
+    assert relative_error(halved, _plain_features(m, x)) <= 1e-5
+
+    for p in m.backbone.parameters():
+        p.data = p.data * 1.5  # reassigned: new storage
+    m.engine.plan(None)
+    with torch.no_grad():
+        flipped = m.features(x)
+    assert relative_error(flipped, halved) > 1e-3
+    assert relative_error(flipped, _plain_features(m, x)) <= 1e-5
+
+
 def test_engine_is_not_in_state_dict_and_pickles():
     import copy
     import pickle
