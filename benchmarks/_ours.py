@@ -246,6 +246,88 @@ class LoopTimer(pl.Callback):
         return out
 
 
+class BatchProfiler(pl.Callback):
+    """``torch.profiler`` over ``batches`` predict batches of loop run ``run`` (0: the first ``trainer.predict``;
+    extraction's train split, whose steady window the benchmarks time, is run 0, so the default profiles the val
+    split's run 1 and leaves the timed window alone), after its first ``skip`` batches: from the end of batch
+    ``skip - 1`` to the end of the last profiled batch, so each profiled batch's data fetch is in. Host activity and,
+    on a GPU, the device's. :attr:`summary` (after the loop) says per batch where the host's and the device's time
+    went (:func:`profile_summary`); ``None`` if the run had no batch past ``skip``, ``{"error": ...}`` if the
+    profiler failed (the run goes on)."""
+
+    def __init__(self, batches: int, run: int = 1, skip: int = 1, top: int = 12) -> None:
+        self.batches, self.run, self.skip, self.top = int(batches), int(run), max(1, int(skip)), int(top)
+        self.summary: Optional[Dict[str, Any]] = None
+        self._runs = -1
+        self._prof: Any = None
+        self._count = 0
+        self._start = 0.0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._runs += 1
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._runs != self.run or self.summary is not None:
+            return
+        if self._prof is not None:
+            self._count += 1
+            if self._count >= self.batches:
+                self._stop(pl_module)
+        elif batch_idx == self.skip - 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if _on_cuda(pl_module):
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            sync()
+            try:  # a profiler that cannot start (e.g. CUPTI busy) costs the profile, never the run
+                prof = torch.profiler.profile(activities=activities)
+                prof.__enter__()
+            except Exception as err:  # noqa: BLE001 - reported in the row
+                self.summary = {"error": f"{type(err).__name__}: {err}"}
+                return
+            self._prof, self._start = prof, now()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._prof is not None:
+            self._stop(pl_module)
+
+    def _stop(self, pl_module: pl.LightningModule) -> None:
+        sync()
+        wall = now() - self._start
+        prof, self._prof = self._prof, None
+        try:
+            prof.__exit__(None, None, None)
+            if self._count:
+                self.summary = profile_summary(prof, self._count, wall, self.top)
+        except Exception as err:  # noqa: BLE001 - reported in the row
+            self.summary = {"error": f"{type(err).__name__}: {err}"}
+
+
+def profile_summary(prof: Any, batches: int, wall_s: float, top: int = 12) -> Dict[str, Any]:
+    """Per batch: the profiled wall time, the host's and the device's summed self times, and the ``top``
+    operations by self time on each (aten operations; CUDA runtime calls such as kernel launches, copies,
+    pinned-memory allocation and synchronisation; kernels on the device), from a finished ``torch.profiler``."""
+    rows = []
+    for e in prof.key_averages():
+        device = getattr(e, "self_device_time_total", None)
+        if device is None:
+            device = getattr(e, "self_cuda_time_total", 0.0)
+        rows.append((e.key, e.count, float(e.self_cpu_time_total), float(device or 0.0)))
+
+    def per_batch(us: float) -> float:
+        return round(us / 1e3 / batches, 4)
+
+    def ops(col: int) -> List[Dict[str, Any]]:
+        chosen = sorted((r for r in rows if r[col] > 0), key=lambda r: -r[col])[:top]
+        return [{"op": k, "calls_per_batch": round(c / batches, 2), "self_ms_per_batch": per_batch(r[col])}
+                for r in chosen for k, c in [(r[0], r[1])]]
+
+    return {"batches": batches, "wall_ms_per_batch": round(1e3 * wall_s / batches, 4),
+            "host_ms_per_batch": per_batch(sum(r[2] for r in rows)),
+            "device_ms_per_batch": per_batch(sum(r[3] for r in rows)),
+            "host_ops": ops(2), "device_ops": ops(3)}
+
+
 def _on_cuda(pl_module: pl.LightningModule) -> bool:
     return pl_module is not None and pl_module.device.type == "cuda"
 
@@ -304,4 +386,5 @@ def common_overrides(run_dir: str) -> List[str]:
             "--trainer.enable_progress_bar", "false"]
 
 
-__all__ = ["LoopTimer", "TimedCLI", "batch_images", "common_overrides", "env_info", "run_cli"]
+__all__ = ["BatchProfiler", "LoopTimer", "TimedCLI", "batch_images", "common_overrides", "env_info",
+           "profile_summary", "run_cli"]

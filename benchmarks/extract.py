@@ -56,7 +56,7 @@ GPU_MODELS = ["InceptionV3", "ResNet50", "Xception", "VGG16"]
 
 # ----------------------------------------------------------------------------- ours (worker)
 def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
-    from _ours import common_overrides, env_info, run_cli
+    from _ours import BatchProfiler, common_overrides, env_info, run_cli
 
     args = ["fit", "--config", spec["config"], *common_overrides(spec["run_dir"]),
             "--model.backbone", spec["model"], "--model.weights", spec["h5"],
@@ -67,7 +67,9 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         args += ["--data.init_args.resize_on", spec["resize_on"]]
     if spec.get("batch_override"):
         args += ["--data.init_args.batch_size", spec["batch"], "--features.extract_batch_size", spec["batch"]]
-    cli, timer = run_cli(args)
+    profiler = BatchProfiler(spec["profile_batches"]) if spec.get("profile_batches") else None
+    hook = (lambda c: c.trainer.callbacks.append(profiler)) if profiler is not None else None
+    cli, timer = run_cli(args, before_fit_hook=hook)
     runs = sorted({b[0] for b in timer.batches["predict"]})
     if not runs:
         raise RuntimeError("the predict loop ran no batch: was the cache reused despite features.rebuild?")
@@ -87,6 +89,8 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         out["host_other_ms"] = 1e3 * steady["host_other_s"] / steady["batches"]
         out["device_step_ms"] = 1e3 * steady["step_s"] / steady["batches"]
     out["device"] = "cuda" if out["env"].get("accelerator") == "cuda" else "cpu"
+    if profiler is not None:  # the val split's batches (the timed window is the train split's)
+        out["profile"] = profiler.summary
     if cli.model.inference_options.enabled:  # what the engine made of the model (e.g. "BatchNorm folded 0/N")
         out["engine_status"] = cli.model.engine.status
     # the image DataModule the features came from, and the train split's first rows (sanity guard)
@@ -192,7 +196,7 @@ def _run_ours(args: Any, common: Dict[str, Any], work: Path, h5_arg: str, resize
     return run_worker(here, dict(common, job="ours", runner=OURS, h5=h5_arg, config=str(args.config),
                                  cache=str(work / "cache"), run_dir=str(work / "runs"), resize_on=resize_on,
                                  batch_override=args.batch is not None, warmup_batches=args.warmup_batches,
-                                 loader_batches=args.loader_batches),
+                                 loader_batches=args.loader_batches, profile_batches=args.profile_batches),
                       work / "logs", None, args.timeout)
 
 
@@ -218,6 +222,14 @@ def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], back
             if r.get("limit_img_s"):
                 r[f"limit_over_{runner}_batches"] = r["limit_img_s"] / ref["batches_img_s"]
     res.add(dict(r, model=model, size=entry.input_size, runner=OURS))
+    prof = r.get("profile")
+    if prof and "error" in prof:
+        res.note(f"{model}: ours' profile failed ({prof['error']})")
+    elif prof:  # where a profiled val batch's time went (the JSON row has the top operations)
+        top = lambda ops: ", ".join(f"{o['op']} {o['self_ms_per_batch']:.2f}" for o in ops[:4])  # noqa: E731
+        print(f"profile: {model}, ours, {prof['batches']} val batches: {prof['wall_ms_per_batch']:.2f} ms per batch, "
+              f"host ops {prof['host_ms_per_batch']:.2f} ms ({top(prof['host_ops'])}), device "
+              f"{prof['device_ms_per_batch']:.2f} ms ({top(prof['device_ops']) or '-'})", flush=True)
     if backends:
         check_precision(res, model, r.get("precision"), policy)
 
@@ -230,6 +242,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="batch size for both (default: the config's)")
     p.add_argument("--warmup-batches", type=int, default=2, help="batches left out of the steady-state rate")
     p.add_argument("--loader-batches", type=int, default=16, help="batches of the loader-alone probe (0: skip)")
+    p.add_argument("--profile-batches", type=int, default=0,
+                   help="ours: torch.profiler over up to this many batches of the val split (after its first; the "
+                        "timed window is the train split's, but wall_s includes them): per batch, the operations "
+                        "with the most host and device time, in the row's 'profile' (0: no profile)")
     p.add_argument("--config", type=Path, default=CONFIG)
     p.add_argument("--rounds", type=int, default=1,
                    help="run every runner this many times per model, alternating; each reports its fastest round "

@@ -169,7 +169,8 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     r = extract.ours_extract({"config": str(BENCH.parent / "configs" / "cifar10.yaml"), "model": "test_resnet",
                               "h5": "null", "data": str(tmp_path / "data"), "size": size, "cache": str(tmp_path / "c"),
                               "run_dir": str(tmp_path / "runs"), "batch": 4, "batch_override": True,
-                              "warmup_batches": 2, "loader_batches": 1, "resize_on": resize_on})
+                              "warmup_batches": 2, "loader_batches": 1, "resize_on": resize_on,
+                              "profile_batches": 3})
     assert r["resize_on"] == (resize_on or "device")  # the config's auto: CIFAR's one size is resized on the device
     # the config leaves num_workers to the automatic choice: none for the device resize, 2 resizing workers on the CPU
     assert r["num_workers"] == (0 if resize_on is None else min(2, len(os.sched_getaffinity(0))))
@@ -184,6 +185,43 @@ def test_extract_benchmark_runs_the_cli_extraction(tmp_path, size, resize_on):
     assert r["model_gflop"] > 0 and r["gemm_gflop_s"] > 0
     assert r["limit_img_s"] == pytest.approx(r["gemm_gflop_s"] / r["model_gflop"])
     assert r["pct_of_limit"] == pytest.approx(100 * r["img_s"] / r["limit_img_s"])
+    # the val split (10 images: batches of 4, 4 and 2) profiled after its first batch: two batches, each with its
+    # fetch from the DataLoader, the backbone's convolutions among the host's operations, nothing on a device
+    prof = r["profile"]
+    assert prof["batches"] == 2 and prof["wall_ms_per_batch"] > 0 and prof["device_ms_per_batch"] == 0
+    assert any(op["op"].startswith("enumerate(DataLoader)") and op["calls_per_batch"] == 1 for op in prof["host_ops"])
+    assert any("conv" in op["op"] for op in prof["host_ops"]) and not prof["device_ops"]
+    assert 0 < prof["host_ms_per_batch"] and all(op["self_ms_per_batch"] > 0 for op in prof["host_ops"])
+
+
+def test_batch_profiler_profiles_only_its_run_and_a_failure_costs_the_profile_not_the_run(monkeypatch):
+    """Run 0 (the timed train split) is never profiled; run 1 from the end of its batch ``skip - 1``; a profiler
+    that cannot start leaves an error in the summary and the loop goes on."""
+    ours = _load("_ours")
+    import torch
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    prof = ours.BatchProfiler(batches=2)
+    for run, n in enumerate((3, 4)):
+        prof.on_predict_start(None, module)
+        for i in range(n):
+            torch.ones(64).sum()
+            prof.on_predict_batch_end(None, module, None, None, i)
+            if run == 0:
+                assert prof._prof is None
+        prof.on_predict_end(None, module)
+    assert prof.summary["batches"] == 2 and prof.summary["host_ops"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI busy")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    failed = ours.BatchProfiler(batches=2, run=0)
+    failed.on_predict_start(None, module)
+    for i in range(3):
+        failed.on_predict_batch_end(None, module, None, None, i)
+    failed.on_predict_end(None, module)
+    assert failed.summary == {"error": "RuntimeError: CUPTI busy"}
 
 
 def test_compute_limit_counts_every_multiply_add_of_the_backbone():
