@@ -449,8 +449,9 @@ class InferenceEngine(nn.Module):
         if self._copy is not None and [id(t) for t in _tensors(self.source).values()] != self._ids:
             self.__dict__["_copy"] = None  # rebuilt at the next call
         elif self._copy is not None:
-            now = _fingerprint(self._sources)
-            untracked = self._values_fp is not None and not torch.equal(now, self._values_fp)
+            now, then = _fingerprint(self._sources), self._values_fp
+            # moved to another device since (rebuilt at the next call) or changed behind the version counters
+            untracked = then is not None and (then.device != now.device or not torch.equal(now, then))
             self.refresh(full=True, force=untracked)
             self._values_fp = now
 

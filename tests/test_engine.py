@@ -541,6 +541,13 @@ def test_engine_plan_finds_changes_made_behind_the_version_counters():
     assert relative_error(flipped, halved) > 1e-3
     assert relative_error(flipped, _plain_features(m, x)) <= 1e-5
 
+    # a fingerprint from another device (the source moved since: the copy is rebuilt at the next call) is a
+    # change, not an error (torch.equal refuses tensors on two devices)
+    m.engine._values_fp = m.engine._values_fp.to("meta")
+    refreshes = m.engine.stats["refreshes"]
+    m.engine.plan(None)
+    assert m.engine.stats["refreshes"] == refreshes + 1 and m.engine._values_fp.device.type == "cpu"
+
 
 def test_engine_is_not_in_state_dict_and_pickles():
     import copy
