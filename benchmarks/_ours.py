@@ -307,20 +307,16 @@ def profile_summary(prof: Any, batches: int, wall_s: float, top: int = 12) -> Di
     """Per batch: the profiled wall time, the host's and the device's summed self times, and the ``top``
     operations by self time on each (aten operations; CUDA runtime calls such as kernel launches, copies,
     pinned-memory allocation and synchronisation; kernels on the device), from a finished ``torch.profiler``."""
-    rows = []
-    for e in prof.key_averages():
-        device = getattr(e, "self_device_time_total", None)
-        if device is None:
-            device = getattr(e, "self_cuda_time_total", 0.0)
-        rows.append((e.key, e.count, float(e.self_cpu_time_total), float(device or 0.0)))
+    rows = [(e.key, e.count, float(e.self_cpu_time_total), float(e.self_device_time_total))
+            for e in prof.key_averages()]
 
     def per_batch(us: float) -> float:
         return round(us / 1e3 / batches, 4)
 
     def ops(col: int) -> List[Dict[str, Any]]:
         chosen = sorted((r for r in rows if r[col] > 0), key=lambda r: -r[col])[:top]
-        return [{"op": k, "calls_per_batch": round(c / batches, 2), "self_ms_per_batch": per_batch(r[col])}
-                for r in chosen for k, c in [(r[0], r[1])]]
+        return [{"op": r[0], "calls_per_batch": round(r[1] / batches, 2), "self_ms_per_batch": per_batch(r[col])}
+                for r in chosen]
 
     return {"batches": batches, "wall_ms_per_batch": round(1e3 * wall_s / batches, 4),
             "host_ms_per_batch": per_batch(sum(r[2] for r in rows)),

@@ -226,10 +226,11 @@ def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], back
     if prof and "error" in prof:
         res.note(f"{model}: ours' profile failed ({prof['error']})")
     elif prof:  # where a profiled val batch's time went (the JSON row has the top operations)
-        top = lambda ops: ", ".join(f"{o['op']} {o['self_ms_per_batch']:.2f}" for o in ops[:4])  # noqa: E731
+        host, device = (", ".join(f"{o['op']} {o['self_ms_per_batch']:.2f}" for o in prof[k][:4]) or "-"
+                        for k in ("host_ops", "device_ops"))
         print(f"profile: {model}, ours, {prof['batches']} val batches: {prof['wall_ms_per_batch']:.2f} ms per batch, "
-              f"host ops {prof['host_ms_per_batch']:.2f} ms ({top(prof['host_ops'])}), device "
-              f"{prof['device_ms_per_batch']:.2f} ms ({top(prof['device_ops']) or '-'})", flush=True)
+              f"host ops {prof['host_ms_per_batch']:.2f} ms ({host}), device {prof['device_ms_per_batch']:.2f} ms "
+              f"({device})", flush=True)
     if backends:
         check_precision(res, model, r.get("precision"), policy)
 

@@ -537,9 +537,9 @@ def test_engine_plan_finds_changes_made_behind_the_version_counters():
         p.data = p.data * 1.5  # reassigned: new storage
     m.engine.plan(None)
     with torch.no_grad():
-        flipped = m.features(x)
-    assert relative_error(flipped, halved) > 1e-3
-    assert relative_error(flipped, _plain_features(m, x)) <= 1e-5
+        scaled = m.features(x)
+    assert relative_error(scaled, halved) > 1e-3
+    assert relative_error(scaled, _plain_features(m, x)) <= 1e-5
 
     # a fingerprint from another device (the source moved since: the copy is rebuilt at the next call) is a
     # change, not an error (torch.equal refuses tensors on two devices)
