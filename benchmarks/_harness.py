@@ -21,7 +21,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -155,18 +155,34 @@ def keras_env(backend: str) -> Dict[str, str]:
 
 
 def keras_policy(arg: str, device: str) -> str:
-    """``auto``: ``mixed_bfloat16`` on a GPU (where ours runs bf16), ``float32`` on the CPU."""
+    """``auto``: ``mixed_bfloat16`` on a GPU (where ours runs bf16), ``float32`` on the CPU (where ours trains in
+    float32); ``best`` is :func:`keras_policies`' (feature extraction's)."""
+    if arg == "best":
+        raise SystemExit("--keras-policy best runs Keras in both policies and keeps its faster one; only "
+                         "extract.py has it (here choose float32 or mixed_bfloat16)")
     if arg != "auto":
         return arg
     return "mixed_bfloat16" if device == "cuda" else "float32"
 
 
-def check_precision(results: "Results", what: str, ours_precision: Any, policy: str) -> None:
-    """A note when ours and Keras did not compute in the same precision class (bf16 vs float32)."""
+def keras_policies(arg: str, device: str, ours_bf16: bool) -> List[str]:
+    """The Keras dtype policies to run, Keras keeping its fastest: ``best``: float32 and ``mixed_bfloat16``;
+    ``auto``: ``mixed_bfloat16`` on a GPU, and on the CPU float32 plus, where ours runs bf16 there (a CPU with
+    native bf16, the inference engine's default), ``mixed_bfloat16`` too (Keras at its best: its bf16 need not be
+    faster on a CPU; measured on the Zen 5 box, it was not)."""
+    if arg == "best" or (arg == "auto" and device != "cuda" and ours_bf16):
+        return ["float32", "mixed_bfloat16"]
+    return [keras_policy(arg, device)]
+
+
+def check_precision(results: "Results", what: str, ours_precision: Any, policy: Union[str, Sequence[str]]) -> None:
+    """A note when ours and Keras did not compute in the same precision class (bf16 vs float32); ``policy``: the
+    Keras policy, or the policies Keras ran (it kept its faster)."""
     if ours_precision is None:
         return
-    if ("bf16" in str(ours_precision)) != (policy == "mixed_bfloat16"):
-        results.note(f"{what}: ours ran {ours_precision}, Keras {policy}: not the same precision "
+    policies = [policy] if isinstance(policy, str) else list(policy)
+    if ("mixed_bfloat16" if "bf16" in str(ours_precision) else "float32") not in policies:
+        results.note(f"{what}: ours ran {ours_precision}, Keras {' / '.join(policies)}: not the same precision "
                      "(set --keras-policy to match)")
 
 
@@ -188,8 +204,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """Flags every benchmark has."""
     p.add_argument("--keras", nargs="*", default=["jax", "tensorflow"], choices=["jax", "tensorflow"],
                    help="Keras backends to compare against (installed ones; none: ours only)")
-    p.add_argument("--keras-policy", default="auto", choices=["auto", "float32", "mixed_bfloat16"],
-                   help="Keras dtype policy (auto: mixed_bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--keras-policy", default="auto", choices=["auto", "float32", "mixed_bfloat16", "best"],
+                   help="Keras dtype policy (auto: mixed_bfloat16 on GPU, float32 on CPU; extract.py: both on a CPU "
+                        "where ours runs bf16, and best: both anywhere, Keras keeping its faster)")
     p.add_argument("--tf-jit", default="auto", choices=["auto", "true", "false"],
                    help="Keras-TF jit_compile (auto is Keras's own choice: XLA on GPU, not on CPU); JAX always jits")
     p.add_argument("--json", type=Path, default=None, help="write results here as they come")
@@ -450,7 +467,7 @@ def config_value(config: Path, *keys: str, default: Any = None) -> Any:
 __all__ = [
     "KERAS_JAX", "KERAS_RUNNERS", "KERAS_TF", "OURS", "ROOT", "Results", "add_common_args", "class_names",
     "check_precision", "config_value", "exit_on_sigterm",
-    "cuda_available", "keras_backends", "keras_env", "keras_model_spec", "keras_policy", "photo_crops", "read_cifar10_train",
+    "cuda_available", "keras_backends", "keras_env", "keras_model_spec", "keras_policies", "keras_policy", "photo_crops", "read_cifar10_train",
     "read_image_folder", "rel_diff", "run_worker", "tiled", "use_checkout", "worker_main", "workdir",
     "write_cifar10", "write_image_folder",
 ]

@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, best_round, check_precision,
                       config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec,
-                      keras_policy, photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
+                      keras_policies, photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
@@ -84,6 +84,8 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
            "model_img_s": steady["images"] / steady["step_s"] if steady["step_s"] else float("nan"),
            "model_pct": 100 * steady["step_s"] / steady["window_s"], "steady_images": steady["images"],
            "first_batch_s": first_end - first_start, "precision": str(cli.trainer.precision)}
+    if cli.model.inference_options.enabled:  # the features' precision is the engine's ("engine-bf16" / "-fp32")
+        out["precision"] = cli.model.engine.describe(cli.trainer.strategy.root_device)
     if steady["batches"]:  # the host's side of the same window, per batch
         out["host_step_ms"] = 1e3 * steady["host_step_s"] / steady["batches"]
         out["host_other_ms"] = 1e3 * steady["host_other_s"] / steady["batches"]
@@ -112,6 +114,15 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         out.update(_input_pipeline_stages(source, device, spec["loader_batches"], fmt))
     out.update(_compute_limit(spec["model"], int(spec["size"]), cli.trainer.strategy.root_device, out))
     return out
+
+
+def _ours_runs_bf16(config: Path, device: str) -> bool:
+    """Whether ours' inference engine runs bf16 with ``config`` on ``device`` (its ``auto``: where the device
+    computes bf16 natively)."""
+    from lightning_app.engine import as_inference_options
+
+    options = as_inference_options(config_value(config, "model", "init_args", "inference", default=None))
+    return options.enabled and options.effective_precision(device) == "bf16"
 
 
 def _compute_limit(model: str, size: int, device: Any, out: Dict[str, Any]) -> Dict[str, Any]:
@@ -200,8 +211,8 @@ def _run_ours(args: Any, common: Dict[str, Any], work: Path, h5_arg: str, resize
                       work / "logs", None, args.timeout)
 
 
-def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], backends: Any, policy: str, model: str,
-              entry: Any) -> None:
+def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], backends: Any, policies: List[str],
+              model: str, entry: Any) -> None:
     """Ours's (best) row with its sanity guard and its ratios to the Keras rows already in ``res``."""
     if "sample_ids" in r:
         for runner, path in keras_features.items():
@@ -232,7 +243,7 @@ def _add_ours(res: Any, r: Dict[str, Any], keras_features: Dict[str, Path], back
               f"host ops {prof['host_ms_per_batch']:.2f} ms ({host}), device {prof['device_ms_per_batch']:.2f} ms "
               f"({device})", flush=True)
     if backends:
-        check_precision(res, model, r.get("precision"), policy)
+        check_precision(res, model, r.get("precision"), policies)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -264,12 +275,12 @@ def main() -> None:
     n = args.n_images or (4096 if device == "cuda" else 448)
     batch = args.batch or config_value(args.config, "features", "extract_batch_size") or \
         config_value(args.config, "data", "init_args", "batch_size", default=32)
-    policy = keras_policy(args.keras_policy, device)
-    config = dict(vars(args), models=models, n_images=n, batch=batch, device=device, keras_policy=policy)
+    policies = keras_policies(args.keras_policy, device, _ours_runs_bf16(args.config, device))
+    config = dict(vars(args), models=models, n_images=n, batch=batch, device=device, keras_policy=policies)
     res = Results("extract", args.json, config)
     backends = keras_backends(args.keras, res)
     work, tmp = workdir(args.workdir, "extract")
-    print(f"work dir {work}; {device}; models {models}; {n} images; batch {batch}; Keras {backends} ({policy})",
+    print(f"work dir {work}; {device}; models {models}; {n} images; batch {batch}; Keras {backends} ({' / '.join(policies)})",
           flush=True)
 
     pool = photo_crops(min(n, 1024), 32, seed=0)
@@ -287,15 +298,17 @@ def main() -> None:
             for round_ in range(args.rounds):  # runners alternate: a slow spell of the machine hits each alike
                 for i, backend in enumerate(backends):
                     runner = KERAS_RUNNERS[backend]
-                    feats = work / f"{model}_{backend}_features.npy"
-                    r = run_worker(ROOT / "benchmarks" / "_keras.py",
-                                   dict(common, job="extract", runner=runner, save_h5=i == 0 and round_ == 0,
-                                        features=str(feats), policy=policy, tf_jit=args.tf_jit),
-                                   work / "logs", keras_env(backend), args.timeout)
-                    if "error" not in r:
-                        keras_features[runner] = feats
-                    keras_rounds.setdefault(runner, []).append(dict(r, model=model, size=entry.input_size,
-                                                                    runner=runner))
+                    for j, policy in enumerate(policies):  # Keras keeps its faster policy (best_round below)
+                        feats = work / f"{model}_{backend}_{policy}_features.npy"
+                        r = run_worker(ROOT / "benchmarks" / "_keras.py",
+                                       dict(common, job="extract", runner=runner,
+                                            save_h5=i == 0 and j == 0 and round_ == 0, features=str(feats),
+                                            policy=policy, tf_jit=args.tf_jit),
+                                       work / "logs", keras_env(backend), args.timeout)
+                        if "error" not in r and (j == 0 or runner not in keras_features):
+                            keras_features[runner] = feats  # the sanity guard's: the first policy's (float32)
+                        keras_rounds.setdefault(runner, []).append(dict(r, model=model, size=entry.input_size,
+                                                                        runner=runner, policy=policy))
                 if not h5.is_file():  # no Keras run saved weights: ours runs on its own random init
                     h5_arg = "null"
                     if round_ == 0:
@@ -304,11 +317,16 @@ def main() -> None:
                     h5_arg = str(h5)
                 for resize_on in args.resize_on:
                     ours_rounds.setdefault(resize_on, []).append(_run_ours(args, common, work, h5_arg, resize_on))
-            for rows in keras_rounds.values():  # Keras at its best round: its batches alone, its best case
-                res.add(best_round(rows, "batches_img_s", higher_is_better=True))
+            for rows in keras_rounds.values():  # Keras at its best round and policy: its batches alone
+                best = best_round(rows, "batches_img_s", higher_is_better=True)
+                if len(policies) > 1:  # each policy's best, beside the one kept
+                    best["policy_batches_img_s"] = {
+                        p: max((r["batches_img_s"] for r in rows if r.get("policy") == p and "error" not in r
+                                and r.get("batches_img_s") is not None), default=None) for p in policies}
+                res.add(best)
             for rows in ours_rounds.values():
-                _add_ours(res, best_round(rows, "img_s", higher_is_better=True), keras_features, backends, policy,
-                          model, entry)
+                _add_ours(res, best_round(rows, "img_s", higher_is_better=True), keras_features, backends,
+                          policies, model, entry)
     finally:
         ref = "keras-jax" if "jax" in backends else "keras-tensorflow"
         res.print_table(
@@ -322,6 +340,8 @@ def main() -> None:
                    ("transfer ms/batch", OURS, "transfer_ms", ".2f"), ("prepare ms/batch", OURS, "prepare_ms", ".2f"),
                    ("device step ms", OURS, "device_step_ms", ".2f"), ("host step ms", OURS, "host_step_ms", ".2f"),
                    ("host between steps ms", OURS, "host_other_ms", ".2f"),
+                   ("ours precision", OURS, "precision", ""), ("Keras-JAX policy", "keras-jax", "policy", ""),
+                   ("Keras-TF policy", "keras-tensorflow", "policy", ""),
                    ("resize on", OURS, "resize_on", ""), ("workers", OURS, "num_workers", ".0f"),
                    ("rel diff", OURS, f"rel_diff_{ref}", ".1e"),
                    ("GFLOP/img", OURS, "model_gflop", ".2f"), ("GEMM GFLOP/s", OURS, "gemm_gflop_s", ".0f"),

@@ -128,7 +128,8 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
     monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
     out = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", "3", "--n-images",
-                                      "20", "--batch", "4", "--workdir", str(tmp_path / "w"), "--json", str(out)])
+                                      "20", "--batch", "4", "--workdir", str(tmp_path / "w"), "--json", str(out),
+                                      "--keras-policy", "float32"])
     extract.main()
     assert [c[0] for c in calls] == ["keras-jax", "keras-tensorflow", "ours"] * 3
     assert [c[1] for c in calls if c[0] != "ours"] == [True, False, False, False, False, False]
@@ -141,6 +142,68 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
     # the limit against Keras's whole predict rate and against its batches alone, kept apart
     assert rows["ours"]["limit_over_keras-tensorflow"] == pytest.approx(36.0 / 4.5)
     assert rows["ours"]["limit_over_keras-tensorflow_batches"] == pytest.approx(36.0 / 9.0)
+
+
+def test_extract_driver_keeps_keras_at_its_faster_policy(tmp_path, monkeypatch):
+    """``--keras-policy best`` (``auto`` on a CPU where ours runs bf16): each Keras backend runs float32 and
+    mixed_bfloat16 in every round and keeps its fastest run of either; each policy's best is listed; the sanity
+    guard compares ours with the float32 features; no 'not the same precision' note for ours' bf16."""
+    extract = _load("extract")
+    calls = []
+    rates = {("keras-jax", "float32"): [5.0, 6.0], ("keras-jax", "mixed_bfloat16"): [4.0, 3.0],
+             ("keras-tensorflow", "float32"): [8.0, 7.0], ("keras-tensorflow", "mixed_bfloat16"): [9.5, 9.0]}
+
+    def fake_worker(script, spec, workdir, env=None, timeout=None):
+        key = (spec["runner"], spec.get("policy"))
+        calls.append(key)
+        if spec.get("save_h5"):
+            Path(spec["h5"]).write_bytes(b"h5")
+        if spec["runner"] == "ours":
+            return {"img_s": 12.0, "precision": "engine-bf16", "sample_ids": [0, 1],
+                    "sample_features": [[1.0, 2.0], [3.0, 4.0]]}
+        np.save(spec["features"], np.array([[1.0, 2.0], [3.0, 4.0]] if spec["policy"] == "float32"
+                                           else [[9.0, 9.0], [9.0, 9.0]], np.float32))
+        rate = rates[key][sum(c == key for c in calls) - 1]
+        return {"img_s": rate / 2, "batches_img_s": rate}
+
+    monkeypatch.setattr(extract, "run_worker", fake_worker)
+    monkeypatch.setattr(extract, "exit_on_sigterm", lambda: None)
+    monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", "2", "--n-images",
+                                      "20", "--batch", "4", "--workdir", str(tmp_path / "w"), "--json", str(out),
+                                      "--keras-policy", "best"])
+    extract.main()
+    keras_calls = [("keras-jax", "float32"), ("keras-jax", "mixed_bfloat16"), ("keras-tensorflow", "float32"),
+                   ("keras-tensorflow", "mixed_bfloat16")]
+    assert calls == (keras_calls + [("ours", None)]) * 2
+    doc = json.loads(out.read_text())
+    rows = {r["runner"]: r for r in doc["rows"]}
+    assert rows["keras-jax"]["policy"] == "float32" and rows["keras-jax"]["batches_img_s"] == 6.0
+    assert rows["keras-tensorflow"]["policy"] == "mixed_bfloat16" and rows["keras-tensorflow"]["batches_img_s"] == 9.5
+    assert rows["keras-tensorflow"]["policy_batches_img_s"] == {"float32": 8.0, "mixed_bfloat16": 9.5}
+    assert rows["ours"]["over_keras-tensorflow_batches"] == pytest.approx(12.0 / 9.5)
+    assert rows["ours"]["rel_diff_keras-jax"] == 0.0  # against the float32 features, not the bf16 run's
+    assert not any("not the same precision" in n for n in doc["notes"])
+
+
+def test_keras_policies_follow_ours_precision():
+    """``auto``: mixed_bfloat16 on a GPU; on a CPU float32, plus mixed_bfloat16 where ours runs bf16 there;
+    ``best`` both anywhere; a single-policy benchmark refuses ``best``; the precision note fires only when Keras
+    ran no policy of ours' precision class."""
+    assert _harness.keras_policies("auto", "cuda", True) == ["mixed_bfloat16"]
+    assert _harness.keras_policies("auto", "cpu", False) == ["float32"]
+    assert _harness.keras_policies("auto", "cpu", True) == ["float32", "mixed_bfloat16"]
+    assert _harness.keras_policies("best", "cuda", True) == ["float32", "mixed_bfloat16"]
+    assert _harness.keras_policies("float32", "cpu", True) == ["float32"]
+    with pytest.raises(SystemExit, match="only extract.py"):
+        _harness.keras_policy("best", "cpu")
+    for ours, policies, noted in (("engine-bf16", ["float32"], True), ("engine-bf16", ["float32", "mixed_bfloat16"],
+                                                                         False), ("32-true", "float32", False),
+                                  ("bf16-mixed", "mixed_bfloat16", False), ("32-true", ["mixed_bfloat16"], True)):
+        res = _harness.Results("extract", None, {})
+        _harness.check_precision(res, "M", ours, policies)
+        assert bool(res.doc["notes"]) == noted, (ours, policies)
 
 
 def test_extract_sanity_guard_names_the_engines_status_when_features_disagree(tmp_path):

@@ -97,7 +97,7 @@ def test_engine_fuses_on_the_cpu_in_float32_and_follows_weight_updates():
     src[1].running_mean.uniform_(-1, 1)
     src[1].running_var.uniform_(0.5, 2)
     x = torch.rand(4, 3, 16, 16)
-    engine = InferenceEngine(src, {"compile": False})
+    engine = InferenceEngine(src, {"compile": False, "precision": "fp32"})
     out = engine(x)
     assert "2 convolution + activation pairs fused" in engine.status
     assert sum(isinstance(m, ConvAct2d) for m in engine._copy.net.modules()) == 2
@@ -105,7 +105,7 @@ def test_engine_fuses_on_the_cpu_in_float32_and_follows_weight_updates():
         assert relative_error(out, src(x)) < 1e-5
         src[3].weight.mul_(-0.5)  # an in-place update: the fused copy is refreshed
         assert relative_error(engine(x), src(x)) < 1e-5
-    plain = InferenceEngine(src, {"compile": False, "fuse_activations": False})
+    plain = InferenceEngine(src, {"compile": False, "precision": "fp32", "fuse_activations": False})
     plain(x)
     assert "fused" not in plain.status and not any(isinstance(m, ConvAct2d) for m in plain._copy.net.modules())
 
@@ -167,7 +167,7 @@ def test_engine_runs_every_convolution_with_a_reordered_weight_and_follows_the_s
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
                         nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    engine = InferenceEngine(net, InferenceOptions(compile=False))
+    engine = InferenceEngine(net, InferenceOptions(compile=False, precision="fp32"))
     x = torch.rand(2, 3, 10, 10)
     with torch.no_grad():
         assert relative_error(engine(x), net(x)) < 1e-6

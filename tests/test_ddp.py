@@ -117,7 +117,8 @@ def test_ddp_control_without_sync_drifts(tmp_path):
 
 def test_ddp_feature_extraction_shards_merge(tmp_path):
     cache = tmp_path / "cache"
-    cfg = ddp_config(tmp_path, [], stage="extract", hidden=[16])
+    # float32 engine (a CPU with native bf16 would run bf16 by default): the rows are compared at 1e-4 below
+    cfg = ddp_config(tmp_path, [], stage="extract", hidden=[16], inference={"precision": "fp32"})
     log = run_cli(["fit", "--config", str(cfg), "--features.cache_dir", str(cache),
                    "--checkpoint.dirpath", str(tmp_path / "ckpt")], tmp_path)
     assert "extracting test_resnet features of the train split" in log
@@ -134,7 +135,8 @@ def test_ddp_feature_extraction_shards_merge(tmp_path):
     assert len(fs) == len(dm.dataset("train")) == train_meta["rows"]
     assert not list(cache.rglob("*.shards"))  # shards removed after the merge
     # Same backbone weights as the run (from its checkpoint), single process, same split order.
-    model = TransferModule("test_resnet", 10, weights=None, stage="extract", hidden=[16])
+    model = TransferModule("test_resnet", 10, weights=None, stage="extract", hidden=[16],
+                           inference={"precision": "fp32"})
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
     model.load_state_dict(state)
     model.eval()

@@ -457,11 +457,20 @@ def test_folding_leaves_the_source_untouched_and_skips_shared_outputs():
     assert find_conv_bn_pairs(net.eval(), torch.rand(1, 3, 12, 12)) == [("0", "1"), ("3", "4")]
 
 
-def test_options_validation():
+def test_options_validation(monkeypatch):
     assert as_inference_options({"precision": "fp32"}).precision == "fp32"
     assert as_inference_options(False).enabled is False
-    assert InferenceOptions().effective_precision("cpu") == "fp32"
     assert InferenceOptions().effective_precision("cuda") == "bf16"
+    # auto on a CPU: bf16 where it has native bf16 instructions (AVX512-BF16 or AMX), float32 elsewhere
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert InferenceOptions().effective_precision("cpu") == expected
+        assert InferenceOptions(precision="fp32").effective_precision("cpu") == "fp32"
+        assert InferenceOptions(precision="bf16").effective_precision("cpu") == "bf16"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the check: float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert InferenceOptions().effective_precision("cpu") == "fp32"
     with pytest.raises(ValueError, match="precision"):
         InferenceOptions(precision="fp16")
     with pytest.raises(ValueError, match="unknown inference option"):

@@ -32,7 +32,8 @@ def data(seed=0, n=40, size=32):
 
 def model(seed=0):
     pl.seed_everything(seed)
-    m = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[8])
+    # the engine in float32 (its default is bf16 on a CPU with native bf16): the cache is compared at 1e-5 below
+    m = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[8], inference={"precision": "fp32"})
     m.forwards = 0
 
     def count(*_):
@@ -102,6 +103,26 @@ def test_changed_weights_or_data_use_a_new_key(tmp_path):
     assert m3.forwards > 0 and train_store(f3) != train_store(f1)
     m4, f4 = build(tmp_path, model(), dm=data(size=40))  # other input size
     assert m4.forwards > 0 and train_store(f4) != train_store(f1)
+
+
+def test_default_precision_follows_the_cpu_and_keys_the_cache(tmp_path, monkeypatch):
+    """``inference.precision: auto`` extracts in bf16 on a CPU with native bf16 instructions and in float32 on one
+    without; the two caches have different keys (neither is served for the other), and the bf16 features are
+    the float32 ones to bf16 accuracy."""
+    stores, feats = {}, {}
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=native: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        pl.seed_everything(0)
+        m = TransferModule("test_resnet", 4, weights=None, stage="extract", hidden=[8])
+        assert m.engine.describe("cpu") == ("engine-bf16" if native else "engine-fp32")
+        _, fdm = build(tmp_path, m)
+        stores[native], feats[native] = train_store(fdm), np.asarray(fdm.sets["train"].features)
+    assert stores[True] != stores[False]
+    ref = reference_features(m, data(), "train")
+    np.testing.assert_allclose(feats[False], ref, rtol=1e-5, atol=1e-6)
+    err = np.abs(feats[True] - ref).max() / np.abs(ref).max()
+    assert 0 < err < 5e-2, err
 
 
 # --------------------------------------------------------------------------- stale / corrupt

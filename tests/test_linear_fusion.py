@@ -115,7 +115,7 @@ def test_engine_runs_convnext_linears_on_onednn_where_faster(monkeypatch, onednn
             if name.endswith("gamma"):
                 p.fill_(1.0)
     n_lin = sum(type(m) is nn.Linear for m in net.modules())
-    engine = InferenceEngine(net, InferenceOptions(compile=False))
+    engine = InferenceEngine(net, InferenceOptions(compile=False, precision="fp32"))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = net(x)

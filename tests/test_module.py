@@ -23,7 +23,7 @@ def tiny_data(classes=3, n=36):
 
 
 def test_normalisation_is_the_first_layer_with_the_backbone_preprocessing():
-    m = TransferModule("test_resnet", 3, weights=None)
+    m = TransferModule("test_resnet", 3, weights=None, inference={"precision": "fp32"})  # eval: the engine's
     mean, std = preprocessing("test_resnet")
     assert list(m.children())[0] is m.normalize
     x = torch.rand(2, 3, 32, 32)

@@ -79,7 +79,7 @@ def test_imagenet_top_becomes_an_equal_transfer_module():
 
     torch.manual_seed(0)
     top = timm.create_model("test_resnet", num_classes=7).eval()
-    module = module_from_classifier("test_resnet", top).eval()
+    module = module_from_classifier("test_resnet", top, inference={"precision": "fp32"}).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(module(x), top((x - 0.5) / 0.5), atol=1e-5)  # test_resnet's own mean/std 0.5

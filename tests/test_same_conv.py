@@ -124,7 +124,7 @@ def test_engine_uses_them_on_nasnet_with_the_same_output():
     _, x, engine, out, out_plain, ref = restructured_and_plain("NASNetMobile")
     # the fused path pads in ConvAct2d (every convolution is one, activation or not); SameConv2d without it
     assert sum(isinstance(m, ConvAct2d) and m.padded for m in engine._copy.net.modules()) == 16
-    unfused = InferenceEngine(engine.source, InferenceOptions(compile=False, fuse_activations=False))
+    unfused = InferenceEngine(engine.source, InferenceOptions(compile=False, fuse_activations=False, precision="fp32"))
     with torch.no_grad():
         assert torch.allclose(unfused(x), out_plain, rtol=1e-5, atol=1e-6)
     assert sum(isinstance(m, SameConv2d) for m in unfused._copy.net.modules()) == 16

@@ -71,14 +71,17 @@ def unique_labels(specs: list) -> list:
     return out
 
 
-def module_from_classifier(backbone: str, classifier: nn.Module) -> TransferModule:
-    """A :class:`TransferModule` computing exactly ``classifier`` (a timm model with its top, e.g. the Keras
-    ImageNet classifier): body weights into ``backbone``, the final ``Linear`` into a linear head."""
+def module_from_classifier(backbone: str, classifier: nn.Module, inference: Any = None) -> TransferModule:
+    """A :class:`TransferModule` computing ``classifier`` (a timm model with its top, e.g. the Keras ImageNet
+    classifier): body weights into ``backbone``, the final ``Linear`` into a linear head. ``inference``: the
+    module's inference-engine options (default: bf16 where the device computes it natively; ``{"precision":
+    "fp32"}``: ``classifier``'s float32 outputs)."""
     clf = classifier.get_classifier()
     if not isinstance(clf, nn.Linear):
         raise ValueError(f"{backbone}: its top is {type(clf).__name__}, not one Linear layer after pooling, "
                          f"so it cannot be a TransferModule head; use a fine-tuned checkpoint instead")
-    module = TransferModule(backbone, num_classes=clf.out_features, weights=None, stage="head", hidden=[], dropout=0.0)
+    module = TransferModule(backbone, num_classes=clf.out_features, weights=None, stage="head", hidden=[], dropout=0.0,
+                            inference=inference)
     if module.num_features != clf.in_features:
         raise ValueError(f"{backbone}: pooled features {module.num_features} != classifier input {clf.in_features}")
     clf_name = next(n for n, m in classifier.named_modules() if m is clf)
