@@ -1,6 +1,6 @@
 """Feature extraction through the product's own path (``extract_features``: the Trainer's predict loop, the feature
 writer, the cache) with the inference engine off (``model.inference.enabled: false``: plain eager float32, NCHW)
-and on (BatchNorm folded, channels_last, bf16 on CUDA, torch.compile), each run twice on the same module (the
+and on (BatchNorm folded, channels_last, bf16 where native, torch.compile), each run twice on the same module (the
 second run is warm: compiled, cached graphs), in one process, interleaved. The engine's variants can be named
 (``--variants``). benchmarks/extract.py times the same path through the CLI against Keras.
 

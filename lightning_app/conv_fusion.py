@@ -1,4 +1,4 @@
-"""Convolution + activation as one oneDNN call on the CPU, for the inference engine's float32 path.
+"""Convolution + activation as one oneDNN call on the CPU, for the inference engine's float32 and bf16 paths.
 
 PyTorch's eager CPU convolution (oneDNN) writes its output to memory, and the activation that follows reads it back
 and writes it again. TensorFlow's CPU graphs fuse the two (oneDNN post-ops), and so does inductor's CPU backend
@@ -10,7 +10,11 @@ networks gain most (MobileNets, EfficientNets: their activations are as large as
 
 :class:`ConvAct2d` keeps the convolution module (and so its parameters: refreshing a folded copy in place still
 works) and the activation, and runs them unfused wherever the fused op does not apply: another device or dtype,
-autocast, or an input that requires grad (the attacks differentiate through the engine).
+autocast to another dtype than bf16, ``torch.compile`` under bf16 autocast (inductor fuses itself), or an input that
+requires grad (the attacks differentiate through the engine). Under CPU bf16 autocast (the engine's default on a
+CPU with native bf16) it runs the fused op in bf16 with the weight and bias cast once (:class:`Bf16Operands`)
+instead of at every call, as autocast does, and the weight reordered once too: on a 2-core Zen 5 EPYC at batch 16,
+ResNet50 1.05x, InceptionV3 1.06x, DenseNet121 1.05x, EfficientNetB0 1.19x over plain bf16 autocast.
 """
 from __future__ import annotations
 
@@ -96,8 +100,32 @@ class ReorderedWeight:
         return packed
 
 
+class Bf16Operands:
+    """A convolution's weight and bias cast to bfloat16 once (as bf16 autocast casts them at every call), made again
+    after either changes (version and storage: the engine refreshes its copy in place). The casts are ordinary
+    tensors even when first needed under ``torch.inference_mode`` (:class:`ReorderedWeight` reorders them once)."""
+
+    def __init__(self) -> None:
+        self._key: Optional[Tuple[int, ...]] = None
+        self._cast: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
+
+    def __getstate__(self) -> Dict[str, Any]:  # a cache: dropped on copies
+        return {"_key": None, "_cast": (None, None)}
+
+    def __call__(self, conv: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(weight, bias)`` of ``conv`` in bfloat16."""
+        w, b = conv.weight, conv.bias
+        key = (w._version, w.data_ptr()) + ((b._version, b.data_ptr()) if b is not None else ())
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cast = (w.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16) if b is not None else None)
+            self._key = key
+        return self._cast  # type: ignore[return-value]
+
+
 class ConvAct2d(nn.Module):
-    """``act(conv(x))`` in one oneDNN call: ``x [B, C, H, W]`` float32 on the CPU -> ``[B, C', H', W']``.
+    """``act(conv(x))`` in one oneDNN call: ``x [B, C, H, W]`` float32 on the CPU -> ``[B, C', H', W']``; under CPU
+    bf16 autocast ``x`` float32 or bf16 -> bf16, as autocast's convolution returns (module docstring).
 
     The weight is reordered into oneDNN's layout once per input shape, not at every call (:class:`ReorderedWeight`).
 
@@ -114,21 +142,36 @@ class ConvAct2d(nn.Module):
             ("none", [], None, "")
         self.padded, self.pads = pads_explicitly(conv), explicit_pads(conv)  # pads None: TF "same"
         self.reordered = ReorderedWeight(conv)
+        self.bf16 = Bf16Operands()
+        self.reordered_bf16 = ReorderedWeight(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32
-                or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-                or torch.is_autocast_enabled("cpu")):
-            return conv(x) if self.act is None else self.act(conv(x))
-        padding, weight = conv.padding, conv.weight
+        if (x.device.type != "cpu" or conv.weight.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))):
+            return self._unfused(x)
+        if torch.is_autocast_enabled("cpu"):
+            if (torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16)
+                    or torch.compiler.is_compiling()):
+                return self._unfused(x)
+            weight, bias = self.bf16(conv)
+            return self._fused(x.to(torch.bfloat16), weight, bias, self.reordered_bf16)
+        if x.dtype != torch.float32:
+            return self._unfused(x)
+        return self._fused(x, conv.weight, conv.bias, self.reordered)
+
+    def _unfused(self, x: Tensor) -> Tensor:
+        return self.conv(x) if self.act is None else self.act(self.conv(x))
+
+    def _fused(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], reordered: ReorderedWeight) -> Tensor:
+        conv, padding, plain = self.conv, self.conv.padding, weight
         if self.padded:
-            x, weight, padding = conv_operands(conv, x, self.pads)
+            x, weight, padding = conv_operands(conv, x, self.pads, weight)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
-        if weight is conv.weight:
-            weight = self.reordered(weight, x, padding)
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, list(padding), list(conv.stride),
+        if weight is plain:
+            weight = reordered(weight, x, padding)
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(conv.stride),
                                                        list(conv.dilation), conv.groups, self.attr, self.scalars,
                                                        self.algorithm)
 
@@ -170,5 +213,5 @@ def fuse_conv_activations(net: nn.Module, example: Tensor) -> int:
     return len(pairs)
 
 
-__all__ = ["ConvAct2d", "POST_OPS", "ReorderedWeight", "available", "find_conv_act_pairs", "fusable_conv",
+__all__ = ["Bf16Operands", "ConvAct2d", "POST_OPS", "ReorderedWeight", "available", "find_conv_act_pairs", "fusable_conv",
            "fuse_conv_activations", "wrap_convolutions"]

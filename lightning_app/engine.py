@@ -9,12 +9,14 @@ What it does to a network ``images [B, 3, H, W] -> features [B, D]`` (e.g. ``nor
   network once and watching which tensors each operation consumes (:func:`find_conv_bn_pairs`): a pair is folded
   only when the BatchNorm is the sole consumer of the convolution's output. The fold is applied to a **copy**
   (:func:`fold_batchnorm`); the trained module, its ``state_dict`` and its checkpoints are never touched.
-* **Convolution + activation fused** on the CPU in float32 (one oneDNN call, :mod:`lightning_app.conv_fusion`), where
-  the activation alone reads the convolution's output; checked against the unfused copy like the fold.
+* **Convolution + activation fused** on the CPU, in float32 and in bf16 (one oneDNN call, :mod:`lightning_app.
+  conv_fusion`; in bf16 with the weight cast and reordered once), where the activation alone reads the convolution's
+  output; checked against the unfused copy like the fold.
 * **Restructured**: DenseNet transitions pool before their 1x1 convolution, TF-"same" pools pad implicitly
   (:mod:`lightning_app.same_pooling`); on the CPU in float32 also DenseNet
   blocks run into one feature buffer instead of a concatenation before every layer (:mod:`lightning_app.
-  dense_blocks`), TF-"same" convolutions skip the zero-filled copy of their input (:mod:`lightning_app.same_conv`),
+  dense_blocks`), and in float32 and bf16 TF-"same" convolutions skip the zero-filled copy of their input
+  (:mod:`lightning_app.same_conv`),
   a stateless operation repeated on the same tensor (NASNet's ReLUs and average pools) runs once
   (:mod:`lightning_app.dedup`) and squeeze-and-excitation gates scale their input in place
   (:mod:`lightning_app.squeeze_excite`); checked against the copy before.
@@ -101,16 +103,17 @@ class InferenceOptions:
         backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` checks the guards without code
             generation, e.g. in tests).
         fold_bn: fold inference-mode BatchNorm into the preceding convolution.
-        fuse_activations: on the CPU in float32, run each convolution and the activation that alone reads its
-            output as one oneDNN call (:mod:`lightning_app.conv_fusion`), and a ResNet block's last convolution
-            with its residual add and activation (:mod:`lightning_app.residual_fusion`); where oneDNN's matrix
-            product beats MKL's on the CPU (AMD CPUs with AVX-512), linear layers too
+        fuse_activations: on the CPU (float32 or bf16), run each convolution and the activation that alone reads
+            its output as one oneDNN call (:mod:`lightning_app.conv_fusion`); in float32 also a ResNet block's last
+            convolution with its residual add and activation (:mod:`lightning_app.residual_fusion`) and, where
+            oneDNN's matrix product beats MKL's on the CPU (AMD CPUs with AVX-512), linear layers
             (:mod:`lightning_app.linear_fusion`).
         restructure: pool before a DenseNet transition's 1x1 convolution, pool over TF-"same" padding without
             building the padded input (:mod:`lightning_app.same_pooling`); on the CPU in float32 also run DenseNet
             blocks into one buffer instead of concatenating before every layer (:mod:`lightning_app.dense_blocks`),
-            pad TF-"same" convolutions implicitly where the split is even and by one zeroed row / column where it
-            is not (a depthwise one by a zero tap of its kernel; :mod:`lightning_app.same_conv`), compute a repeated
+            and in float32 or bf16 pad TF-"same" convolutions implicitly where the split is even and by one
+            zeroed row / column where it is not (a depthwise one by a zero tap of its kernel;
+            :mod:`lightning_app.same_conv`), compute a repeated
             stateless operation on one tensor once (NASNet's ReLUs and pools, :mod:`lightning_app.dedup`), and
             scale by a squeeze-and-excitation gate in place (:mod:`lightning_app.squeeze_excite`).
         winograd: on the CPU in float32, eager, run a network whose multiply-adds are mostly in large 3x3
@@ -539,50 +542,70 @@ class InferenceEngine(nn.Module):
         self.stats["build_seconds"] = time.perf_counter() - start
 
     def _fuse_activations(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
-        """Fuse ``folded``'s convolution -> activation pairs in place where the engine runs oneDNN float32 (the
-        CPU, a float32 source of ``dtype``), checked against the unfused copy; the number fused, or -1 when fusing
-        changed the output beyond ``FOLD_TOLERANCE`` (the caller then rebuilds the copy unfused)."""
+        """Fuse ``folded``'s convolution -> activation pairs in place where the engine runs oneDNN (the CPU, a
+        float32 source of ``dtype``), checked against the unfused copy in float32 and, in bf16, also under bf16
+        autocast (:func:`verify_compiled`'s bf16 rule: near the unfused bf16 output, or no further from float32 than
+        it); in float32 also the linear layers and ResNet blocks (their
+        fused forms are float32 only). The number fused, or -1 when fusing changed the output beyond the tolerance
+        (the caller then rebuilds the copy unfused)."""
+        precision = self.options.effective_precision(x.device)
         if (not self.options.fuse_activations or x.device.type != "cpu" or not conv_fusion.available()
-                or self.options.effective_precision(x.device) != "fp32" or dtype != torch.float32):
+                or precision not in ("fp32", "bf16") or dtype != torch.float32):
             return 0
         example = x[:1].detach().to(torch.float32)
+        bf16 = precision == "bf16"
         with torch.inference_mode(False), torch.no_grad():
             reference = folded.net(self._prepare(example.clone()))
+            if bf16:
+                with precision_context("bf16", "cpu"):
+                    reference_bf16 = folded.net(self._prepare(example.clone())).float()
             fused = conv_fusion.fuse_conv_activations(folded.net, self._prepare(example.clone()))
-            if linear_fusion.onednn_linear_faster():
+            if not bf16 and linear_fusion.onednn_linear_faster():
                 self._n_linear = linear_fusion.fuse_linears(folded.net, self._prepare(example.clone()))
-            self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net, self._prepare(example.clone())))
+            if not bf16:
+                self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net,
+                                                                           self._prepare(example.clone())))
             wrapped = conv_fusion.wrap_convolutions(folded.net, skip_inside=(residual_fusion.FusedBottleneck,))
             if not fused and not self._n_linear and not self._n_residual and not wrapped:
                 return 0
             err = relative_error(folded.net(self._prepare(example.clone())), reference)
-        if err > FOLD_TOLERANCE:
+            why = f"changed {self.name}'s output by {err:.1e} (> {FOLD_TOLERANCE:g})" if err > FOLD_TOLERANCE else None
+            if bf16 and why is None:
+                with precision_context("bf16", "cpu"):
+                    out_bf16 = folded.net(self._prepare(example.clone())).float()
+                why = verify_compiled(out_bf16, reference_bf16, "bf16", lambda: reference)
+        if why is not None:
             self._n_linear = self._n_residual = 0
-            rank_zero_info(f"inference engine: fusing convolutions and linear layers with their activations changed "
-                           f"{self.name}'s output by {err:.1e} (> {FOLD_TOLERANCE:g}); running them unfused")
+            rank_zero_info(f"inference engine: fusing convolutions and linear layers with their activations {why}"
+                           f"{' in bf16' if bf16 else ''}; running them unfused")
             return -1
         return fused
 
     def _restructure(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
         """Restructure ``folded`` in place: on every device, DenseNet transitions pool before their 1x1 convolution
         (fewer multiply-adds, compiled or not) and TF-"same" pools pad implicitly (:mod:`lightning_app.
-        same_pooling`); where the engine runs eagerly in float32 on the CPU, also DenseNet
-        blocks into one buffer (:mod:`lightning_app.dense_blocks`), TF-"same" convolutions without a zero-filled
-        copy of their input (:mod:`lightning_app.same_conv`), repeated stateless operations on one tensor
-        once (:mod:`lightning_app.dedup`; compiled graphs do both themselves), squeeze-and-excitation gates in
-        place (:mod:`lightning_app.squeeze_excite`), NASNet's 1x1 strided pools as strided copies
-        (:mod:`lightning_app.subsample`) and its normal cells into their output (:mod:`lightning_app.nasnet_cells`).
-        Checked against the copy before in
-        float32, like the fold. The number of modules replaced (0 when none, or when the output changed beyond
-        ``FOLD_TOLERANCE``: then put back as it was, logged)."""
+        same_pooling`); where the engine runs on the CPU (a float32 source) in float32 or bf16 autocast, also
+        TF-"same" convolutions without a zero-filled copy of their input (:mod:`lightning_app.same_conv`), repeated
+        stateless operations on one tensor once (:mod:`lightning_app.dedup`; compiled graphs do both themselves),
+        squeeze-and-excitation gates in place (:mod:`lightning_app.squeeze_excite`), NASNet's 1x1 strided pools as
+        strided copies (:mod:`lightning_app.subsample`) and its normal cells into their output
+        (:mod:`lightning_app.nasnet_cells`); in float32 only, DenseNet blocks into one buffer
+        (:mod:`lightning_app.dense_blocks`: the float32 buffer would cast every bf16 layer output, 0.84x on
+        DenseNet121 in bf16). Checked against the copy before in float32, like the fold, and in bf16 also under bf16
+        autocast (:func:`verify_compiled`'s bf16 rule). The number of modules replaced (0 when none, or when the
+        output changed beyond the tolerance: then put back as it was, logged)."""
         if not self.options.restructure:
             return 0
-        eager_cpu = (x.device.type == "cpu" and self.options.effective_precision(x.device) == "fp32"
-                     and dtype == torch.float32)
+        precision = self.options.effective_precision(x.device)
+        eager_cpu = x.device.type == "cpu" and precision in ("fp32", "bf16") and dtype == torch.float32
+        bf16 = eager_cpu and precision == "bf16"
         example = self._prepare(x[:1].detach().to(dtype or torch.float32))
         with torch.inference_mode(False), torch.no_grad(), precision_context("fp32", x.device.type):
             reference = folded.net(example.clone())
-            replaced = dense_blocks.restructure_dense_blocks(folded.net, buffers=eager_cpu)
+            if bf16:
+                with precision_context("bf16", "cpu"):
+                    reference_bf16 = folded.net(example.clone()).float()
+            replaced = dense_blocks.restructure_dense_blocks(folded.net, buffers=eager_cpu and not bf16)
             replaced += same_pooling.replace_same_pools(folded.net)
             if eager_cpu:
                 replaced += same_conv.replace_same_convs(folded.net, skip_inside=(conv_fusion.ConvAct2d,))
@@ -593,11 +616,16 @@ class InferenceEngine(nn.Module):
             if not replaced:
                 return 0
             err = relative_error(folded.net(example.clone()), reference)
-            if err <= FOLD_TOLERANCE:
+            why = f"changed its output by {err:.1e} (> {FOLD_TOLERANCE:g})" if err > FOLD_TOLERANCE else None
+            if bf16 and why is None:
+                with precision_context("bf16", "cpu"):
+                    why = verify_compiled(folded.net(example.clone()).float(), reference_bf16, "bf16",
+                                          lambda: reference)
+            if why is None:
                 return len(replaced)
             restore_modules(folded.net, replaced)
         rank_zero_info(f"inference engine: restructuring {self.name} (dense blocks, same pools, repeated operations) "
-                       f"changed its output by {err:.1e} (> {FOLD_TOLERANCE:g}); running it as it is")
+                       f"{why}{' in bf16' if bf16 else ''}; running it as it is")
         return 0
 
     def _winograd(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:

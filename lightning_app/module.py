@@ -11,7 +11,8 @@ Stages:
   callback it starts frozen and is unfrozen group by group on a schedule.
 
 Every forward of the backbone that does not train it goes through :class:`lightning_app.engine.InferenceEngine`
-(BatchNorm folded into a copy, channels_last, bf16 autocast on CUDA, ``torch.compile``): validate / test / predict
+(BatchNorm folded into a copy, channels_last, bf16 autocast where the device computes bf16 natively: CUDA GPUs,
+CPUs with AVX512-BF16 / AMX; ``torch.compile``): validate / test / predict
 and the robustness loop (the module in eval mode; attacks get gradients w.r.t. the input), and, while training,
 a backbone that cannot change (every parameter frozen, no active dropout): the ``extract`` / ``head`` stages and
 the head-only epochs of ``finetune``. ``inference: {enabled: false}`` runs the plain module everywhere.

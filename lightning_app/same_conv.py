@@ -89,13 +89,15 @@ def pads_explicitly(conv: nn.Module) -> bool:
     return type(conv) is Conv2dSame or explicit_pads(conv) is not None
 
 
-def conv_operands(conv: nn.Module, x: Tensor, pads: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None
-                  ) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
+def conv_operands(conv: nn.Module, x: Tensor, pads: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None,
+                  weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
     """``(input, weight, symmetric padding)`` of a convolution that pads explicitly on ``x``: fixed ``pads``
-    (:func:`explicit_pads`), or TF "same" padding where ``None``."""
+    (:func:`explicit_pads`), or TF "same" padding where ``None``; ``weight``: the convolution's weight in another
+    dtype (default: ``conv.weight``)."""
+    weight = conv.weight if weight is None else weight
     if pads is None:
-        return same_conv_operands(x, conv.weight, conv.stride, conv.dilation, conv.groups)
-    return padded_conv_operands(x, conv.weight, pads, conv.dilation, conv.groups)
+        return same_conv_operands(x, weight, conv.stride, conv.dilation, conv.groups)
+    return padded_conv_operands(x, weight, pads, conv.dilation, conv.groups)
 
 
 class SameConv2d(nn.Module):

@@ -1,5 +1,5 @@
 """Convolution + activation fusion (``lightning_app.conv_fusion``): same numbers as the unfused modules, only where
-the activation alone reads the convolution's output, and the engine's CPU float32 path uses it."""
+the activation alone reads the convolution's output, and the engine's CPU float32 and bf16 paths use it."""
 import copy
 
 import pytest
@@ -177,3 +177,119 @@ def test_engine_runs_every_convolution_with_a_reordered_weight_and_follows_the_s
         net[3].weight.mul_(0.5)  # fine-tuning changed the source: the copy is refreshed and reordered again
         assert relative_error(engine(x), net(x)) < 1e-6
         assert [len(m.reordered._packed) for m in convs] == [1, 1]
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["plain", "same", "same_depthwise", "zeropad_dense"])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Hardswish])
+def test_fused_pair_under_bf16_autocast_matches_autocast_with_operands_cast_once(kind, act):
+    """Under CPU bf16 autocast a fused pair runs the fused op in bf16 (bf16 out, as autocast's convolution), close
+    to the two modules under autocast; its weight and bias are cast once (and reordered once) and cast again after
+    an in-place change; float32 without autocast still matches float32."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_conv(kind), act()).eval()
+    x = (torch.randn(3, 6, 12, 13) * 2).contiguous(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(net)
+    with torch.no_grad():
+        assert fuse_conv_activations(fused, x[:1].clone()) == 1
+    with torch.inference_mode(), _bf16_autocast():
+        ref = net(x)
+        out = fused(x)
+        cast = fused[0].bf16._cast
+        out2 = fused(x)
+        assert fused[0].bf16._cast[0] is cast[0]  # cast once
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, out2)
+    assert relative_error(out.float(), ref.float()) < 2e-2
+    assert cast[0].dtype == torch.bfloat16 and not cast[0].is_inference()
+    with torch.no_grad():
+        fused[0].conv.weight.mul_(-1.5)  # the engine's in-place refresh
+        net[0].weight.mul_(-1.5)
+    with torch.inference_mode(), _bf16_autocast():
+        after, ref_after = fused(x), net(x)
+    assert fused[0].bf16._cast[0] is not cast[0]
+    assert relative_error(after.float(), ref_after.float()) < 2e-2
+    with torch.no_grad():  # no autocast: the float32 fused op, float32 numbers
+        assert relative_error(fused(x), net(x)) < 1e-6
+
+
+def test_bf16_fused_path_uses_the_fused_op_and_steps_aside_for_other_autocast_and_compile(monkeypatch):
+    torch.manual_seed(0)
+    m = ConvAct2d(nn.Conv2d(6, 8, 3, padding=1).eval(), nn.ReLU())
+    x = torch.randn(2, 6, 9, 9).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = torch.ops.mkldnn._convolution_pointwise
+
+    class Ops:  # counts the fused op's calls
+        @staticmethod
+        def _convolution_pointwise(*args):
+            calls.append(args[0].dtype)
+            return real(*args)
+
+        _reorder_convolution_weight = staticmethod(torch.ops.mkldnn._reorder_convolution_weight)
+
+    monkeypatch.setattr(conv_fusion.torch.ops, "mkldnn", Ops)
+    with torch.inference_mode():
+        with _bf16_autocast():
+            m(x)
+        assert calls == [torch.bfloat16]
+        with torch.autocast("cpu", dtype=torch.float16):  # another autocast dtype: the modules themselves
+            m(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inductor fuses by itself
+        with _bf16_autocast():
+            m(x)
+    assert calls == [torch.bfloat16]
+
+
+def test_engine_in_bf16_fuses_and_restructures_on_the_cpu_but_keeps_dense_blocks_unbuffered():
+    """The bf16 engine on a CPU: convolutions fused (status), TF-"same" convolutions restructured, DenseNet blocks
+    without the float32 buffer; its output within bf16 rounding of the bf16 engine without fusing /
+    restructuring, and it follows an in-place change of the source."""
+    from lightning_app import dense_blocks
+    from lightning_app.engine import InferenceOptions
+    from tests.test_engine import zoo_net
+
+    for name in ("EfficientNetB0", "DenseNet121"):
+        net = zoo_net(name, 64)
+        x = torch.rand(2, 3, 64, 64)
+        engine = InferenceEngine(net, InferenceOptions(compile=False, precision="bf16"), name=name)
+        plain = InferenceEngine(net, InferenceOptions(compile=False, precision="bf16", fuse_activations=False,
+                                                      restructure=False), name=name)
+        with torch.no_grad():
+            out, ref, f32 = engine(x), plain(x), net(x)
+        assert "convolution + activation pairs fused" in engine.status and "restructured" in engine.status
+        assert relative_error(out, f32) < 1.5 * relative_error(ref, f32) + 1e-2, name
+        assert not any(isinstance(m, dense_blocks.BufferedDenseBlock) for m in engine._copy.net.modules()), name
+        if name == "EfficientNetB0":
+            assert any(isinstance(m, ConvAct2d) and m.padded for m in engine._copy.net.modules())
+        with torch.no_grad():
+            first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+            first.weight.mul_(0.5)
+            out2, f32_2 = engine(x), net(x)
+        assert relative_error(out2, f32_2) < 1.5 * relative_error(ref, f32) + 1e-2, name
+        assert relative_error(out2, out) > 1e-3, name  # it followed the change
+
+
+def test_engine_in_bf16_runs_unfused_when_the_bf16_fused_path_disagrees(monkeypatch, caplog):
+    """The bf16 check can fail: a fused op that is right in float32 but wrong under bf16 autocast is undone."""
+    import logging
+
+    from lightning_app.engine import InferenceOptions
+    from tests.test_engine import zoo_net
+
+    real = ConvAct2d._fused
+
+    def wrong_in_bf16(self, x, weight, bias, reordered):
+        out = real(self, x, weight, bias, reordered)
+        return out * 1.5 if out.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(ConvAct2d, "_fused", wrong_in_bf16)
+    net = zoo_net("MobileNetV2", 64)
+    engine = InferenceEngine(net, InferenceOptions(compile=False, precision="bf16"), name="MobileNetV2")
+    with caplog.at_level(logging.INFO), torch.no_grad():
+        engine(torch.rand(2, 3, 64, 64))
+    assert "fused" not in engine.status and not any(isinstance(m, ConvAct2d) for m in engine._copy.net.modules())
+    assert "in bf16; running them unfused" in caplog.text

@@ -563,7 +563,8 @@ def _inference_engine(module: nn.Module) -> Optional[nn.Module]:
 def extraction_cache_key(module: nn.Module, trainer: "pl.Trainer", datamodule: Any, split: str,
                          weights_digest: str) -> Dict[str, Any]:
     """The cache key :func:`extract_features` looks for: :func:`feature_cache_key` with the precision the features
-    are computed in (the Trainer's, and the inference engine's where it runs them: bf16 on CUDA by default)."""
+    are computed in (the Trainer's, and the inference engine's where it runs them: by default bf16 where the device
+    computes bf16 natively, :func:`lightning_app.engine.native_bf16`)."""
     engine = _inference_engine(module)
     precision = str(trainer.precision) + (f"/{engine.describe(trainer.strategy.root_device)}" if engine is not None else "")
     key = feature_cache_key(module, datamodule, split, precision, weights_digest)
