@@ -250,7 +250,7 @@ def test_engine_in_bf16_fuses_and_restructures_on_the_cpu_but_keeps_dense_blocks
     restructuring, and it follows an in-place change of the source."""
     from lightning_app import dense_blocks
     from lightning_app.engine import InferenceOptions
-    from tests.test_engine import zoo_net
+    from test_engine import zoo_net
 
     for name in ("EfficientNetB0", "DenseNet121"):
         net = zoo_net(name, 64)
@@ -278,7 +278,7 @@ def test_engine_in_bf16_runs_unfused_when_the_bf16_fused_path_disagrees(monkeypa
     import logging
 
     from lightning_app.engine import InferenceOptions
-    from tests.test_engine import zoo_net
+    from test_engine import zoo_net
 
     real = ConvAct2d._fused
 
