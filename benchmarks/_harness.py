@@ -154,15 +154,25 @@ def keras_env(backend: str) -> Dict[str, str]:
     return {"KERAS_BACKEND": backend}
 
 
-def keras_policy(arg: str, device: str) -> str:
-    """``auto``: ``mixed_bfloat16`` on a GPU (where ours runs bf16), ``float32`` on the CPU (where ours trains in
-    float32); ``best`` is :func:`keras_policies`' (feature extraction's)."""
+def keras_policy(arg: str, device: str, ours_bf16: bool = False) -> str:
+    """``auto``: ``mixed_bfloat16`` on a GPU and wherever ours runs bf16 (``ours_bf16``: e.g. the inference engine
+    on a CPU with native bf16), else ``float32`` (ours training on a CPU); ``best`` is :func:`keras_policies`'
+    (feature extraction's)."""
     if arg == "best":
         raise SystemExit("--keras-policy best runs Keras in both policies and keeps its faster one; only "
                          "extract.py has it (here choose float32 or mixed_bfloat16)")
     if arg != "auto":
         return arg
-    return "mixed_bfloat16" if device == "cuda" else "float32"
+    return "mixed_bfloat16" if device == "cuda" or ours_bf16 else "float32"
+
+
+def engine_runs_bf16(config: Path, device: str) -> bool:
+    """Whether ours' inference engine runs bf16 with ``config`` (its ``model.inference``) on ``device`` (``auto``:
+    where the device computes bf16 natively)."""
+    from lightning_app.engine import as_inference_options
+
+    options = as_inference_options(config_value(config, "model", "inference", default=None))
+    return options.enabled and options.effective_precision(device) == "bf16"
 
 
 def keras_policies(arg: str, device: str, ours_bf16: bool) -> List[str]:
@@ -467,7 +477,7 @@ def config_value(config: Path, *keys: str, default: Any = None) -> Any:
 __all__ = [
     "KERAS_JAX", "KERAS_RUNNERS", "KERAS_TF", "OURS", "ROOT", "Results", "add_common_args", "class_names",
     "check_precision", "config_value", "exit_on_sigterm",
-    "cuda_available", "keras_backends", "keras_env", "keras_model_spec", "keras_policies", "keras_policy", "photo_crops", "read_cifar10_train",
+    "cuda_available", "keras_backends", "keras_env", "keras_model_spec", "keras_policies", "keras_policy", "engine_runs_bf16", "photo_crops", "read_cifar10_train",
     "read_image_folder", "rel_diff", "run_worker", "tiled", "use_checkout", "worker_main", "workdir",
     "write_cifar10", "write_image_folder",
 ]

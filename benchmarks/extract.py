@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, best_round, check_precision,
-                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec,
-                      keras_policies, photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
+                      config_value, cuda_available, engine_runs_bf16, exit_on_sigterm, keras_backends, keras_env,
+                      keras_model_spec, keras_policies, photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
@@ -114,15 +114,6 @@ def ours_extract(spec: Dict[str, Any]) -> Dict[str, Any]:
         out.update(_input_pipeline_stages(source, device, spec["loader_batches"], fmt))
     out.update(_compute_limit(spec["model"], int(spec["size"]), cli.trainer.strategy.root_device, out))
     return out
-
-
-def _ours_runs_bf16(config: Path, device: str) -> bool:
-    """Whether ours' inference engine runs bf16 with ``config`` on ``device`` (its ``auto``: where the device
-    computes bf16 natively)."""
-    from lightning_app.engine import as_inference_options
-
-    options = as_inference_options(config_value(config, "model", "init_args", "inference", default=None))
-    return options.enabled and options.effective_precision(device) == "bf16"
 
 
 def _compute_limit(model: str, size: int, device: Any, out: Dict[str, Any]) -> Dict[str, Any]:
@@ -275,7 +266,7 @@ def main() -> None:
     n = args.n_images or (4096 if device == "cuda" else 448)
     batch = args.batch or config_value(args.config, "features", "extract_batch_size") or \
         config_value(args.config, "data", "init_args", "batch_size", default=32)
-    policies = keras_policies(args.keras_policy, device, _ours_runs_bf16(args.config, device))
+    policies = keras_policies(args.keras_policy, device, engine_runs_bf16(args.config, device))
     config = dict(vars(args), models=models, n_images=n, batch=batch, device=device, keras_policy=policies)
     res = Results("extract", args.json, config)
     backends = keras_backends(args.keras, res)

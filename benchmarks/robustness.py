@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, check_precision, class_names,
-                      config_value, cuda_available, exit_on_sigterm, keras_backends, keras_env, keras_model_spec,
-                      keras_policy, photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
+                      config_value, cuda_available, engine_runs_bf16, exit_on_sigterm, keras_backends, keras_env,
+                      keras_model_spec, keras_policy, photo_crops, run_worker, workdir, write_image_folder)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "robustness.yaml"
 DATA_CONFIG = ROOT / "configs" / "food.yaml"
@@ -67,6 +67,8 @@ def ours_robustness(spec: Dict[str, Any]) -> Dict[str, Any]:
     out = {"env": env, "device": "cuda" if env.get("accelerator") == "cuda" else "cpu",
            "precision": str(cli.trainer.precision), "batch": max(b[2] for b in timer.batches["test"]),
            "loaders": loaders, "wall_s": timer.first("end:test") - timer.first("start:test")}
+    if cli.model.inference_options.enabled:  # the test loop's forward is the engine's ("engine-bf16" / "-fp32")
+        out["precision"] = cli.model.engine.describe(cli.trainer.strategy.root_device)
     # export the evaluated images, clean and as each corruption left them, for the Keras side (not timed)
     ds = rdm.test_dataset()
     items = [ds[i] for i in range(len(ds))]
@@ -119,7 +121,7 @@ def main() -> None:
     n = args.n_images or (1024 if device == "cuda" else 64)
     n = max(batch, n // batch * batch)
     names = class_names(n)
-    policy = keras_policy(args.keras_policy, device)
+    policy = keras_policy(args.keras_policy, device, engine_runs_bf16(args.config, device))
     config = dict(vars(args), device=device, n_images=n, batch=batch, keras_policy=policy)
     res = Results("robustness", args.json, config)
     backends = keras_backends(args.keras, res)

@@ -198,12 +198,31 @@ def test_keras_policies_follow_ours_precision():
     assert _harness.keras_policies("float32", "cpu", True) == ["float32"]
     with pytest.raises(SystemExit, match="only extract.py"):
         _harness.keras_policy("best", "cpu")
+    # one policy (robustness, fine-tuning): the class of ours' precision
+    assert _harness.keras_policy("auto", "cpu") == "float32"
+    assert _harness.keras_policy("auto", "cpu", ours_bf16=True) == "mixed_bfloat16"
+    assert _harness.keras_policy("float32", "cpu", ours_bf16=True) == "float32"
     for ours, policies, noted in (("engine-bf16", ["float32"], True), ("engine-bf16", ["float32", "mixed_bfloat16"],
                                                                          False), ("32-true", "float32", False),
                                   ("bf16-mixed", "mixed_bfloat16", False), ("32-true", ["mixed_bfloat16"], True)):
         res = _harness.Results("extract", None, {})
         _harness.check_precision(res, "M", ours, policies)
         assert bool(res.doc["notes"]) == noted, (ours, policies)
+
+
+def test_engine_runs_bf16_reads_the_configs_inference_options(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # a CPU with native bf16
+    cfg = tmp_path / "c.yaml"
+    for inference, expected in ((None, True), ({"precision": "fp32"}, False), ({"enabled": False}, False)):
+        model = {"backbone": "ResNet50", "inference": inference} if inference else {"backbone": "ResNet50"}
+        cfg.write_text(json.dumps({"model": model}))
+        assert _harness.engine_runs_bf16(cfg, "cpu") is expected, inference
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg.write_text(json.dumps({"model": {}}))
+    assert _harness.engine_runs_bf16(cfg, "cpu") is False and _harness.engine_runs_bf16(cfg, "cuda") is True
 
 
 def test_extract_sanity_guard_names_the_engines_status_when_features_disagree(tmp_path):
