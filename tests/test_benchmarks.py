@@ -104,6 +104,19 @@ def test_benchmarks_report_each_runners_best_round():
     assert harness.best_round([{"error": "a"}, {"error": "b"}], "img_s", higher_is_better=True) == {"error": "b"}
 
 
+def _run_extract_driver(extract, fake_worker, monkeypatch, tmp_path, rounds, policy):
+    """``extract.py``'s driver on MobileNetV3Small with both Keras backends, every worker ``fake_worker``; the JSON."""
+    monkeypatch.setattr(extract, "run_worker", fake_worker)
+    monkeypatch.setattr(extract, "exit_on_sigterm", lambda: None)  # the driver's process-wide SIGTERM handler
+    monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", str(rounds),
+                                      "--n-images", "20", "--batch", "4", "--workdir", str(tmp_path / "w"),
+                                      "--json", str(out), "--keras-policy", policy])
+    extract.main()
+    return out
+
+
 def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, monkeypatch):
     """``--rounds 3``: per model Keras-JAX, Keras-TF and ours run alternately 3 times (the weights file written once,
     by the first Keras run); each runner's row is its best round (Keras by its batches alone), with all rounds
@@ -123,14 +136,7 @@ def test_extract_driver_alternates_rounds_and_keeps_each_runners_best(tmp_path, 
         np.save(spec["features"], np.zeros((2, 4), np.float32))
         return {"img_s": rate / 2, "batches_img_s": rate}
 
-    monkeypatch.setattr(extract, "run_worker", fake_worker)
-    monkeypatch.setattr(extract, "exit_on_sigterm", lambda: None)  # the driver's process-wide SIGTERM handler
-    monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
-    out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", "3", "--n-images",
-                                      "20", "--batch", "4", "--workdir", str(tmp_path / "w"), "--json", str(out),
-                                      "--keras-policy", "float32"])
-    extract.main()
+    out = _run_extract_driver(extract, fake_worker, monkeypatch, tmp_path, rounds=3, policy="float32")
     assert [c[0] for c in calls] == ["keras-jax", "keras-tensorflow", "ours"] * 3
     assert [c[1] for c in calls if c[0] != "ours"] == [True, False, False, False, False, False]
     rows = {r["runner"]: r for r in json.loads(out.read_text())["rows"]}
@@ -166,14 +172,7 @@ def test_extract_driver_keeps_keras_at_its_faster_policy(tmp_path, monkeypatch):
         rate = rates[key][sum(c == key for c in calls) - 1]
         return {"img_s": rate / 2, "batches_img_s": rate}
 
-    monkeypatch.setattr(extract, "run_worker", fake_worker)
-    monkeypatch.setattr(extract, "exit_on_sigterm", lambda: None)
-    monkeypatch.setattr(extract, "keras_backends", lambda requested, res: ["jax", "tensorflow"])
-    out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", ["extract.py", "--models", "MobileNetV3Small", "--rounds", "2", "--n-images",
-                                      "20", "--batch", "4", "--workdir", str(tmp_path / "w"), "--json", str(out),
-                                      "--keras-policy", "best"])
-    extract.main()
+    out = _run_extract_driver(extract, fake_worker, monkeypatch, tmp_path, rounds=2, policy="best")
     keras_calls = [("keras-jax", "float32"), ("keras-jax", "mixed_bfloat16"), ("keras-tensorflow", "float32"),
                    ("keras-tensorflow", "mixed_bfloat16")]
     assert calls == (keras_calls + [("ours", None)]) * 2
