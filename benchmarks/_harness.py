@@ -477,7 +477,8 @@ def config_value(config: Path, *keys: str, default: Any = None) -> Any:
 __all__ = [
     "KERAS_JAX", "KERAS_RUNNERS", "KERAS_TF", "OURS", "ROOT", "Results", "add_common_args", "class_names",
     "check_precision", "config_value", "exit_on_sigterm",
-    "cuda_available", "keras_backends", "keras_env", "keras_model_spec", "keras_policies", "keras_policy", "engine_runs_bf16", "photo_crops", "read_cifar10_train",
+    "cuda_available", "engine_runs_bf16", "keras_backends", "keras_env", "keras_model_spec", "keras_policies",
+    "keras_policy", "photo_crops", "read_cifar10_train",
     "read_image_folder", "rel_diff", "run_worker", "tiled", "use_checkout", "worker_main", "workdir",
     "write_cifar10", "write_image_folder",
 ]

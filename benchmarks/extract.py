@@ -47,7 +47,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (KERAS_RUNNERS, OURS, ROOT, Results, add_common_args, best_round, check_precision,
                       config_value, cuda_available, engine_runs_bf16, exit_on_sigterm, keras_backends, keras_env,
-                      keras_model_spec, keras_policies, photo_crops, rel_diff, run_worker, tiled, workdir, write_cifar10)  # noqa: E402
+                      keras_model_spec, keras_policies, photo_crops, rel_diff, run_worker, tiled, workdir,
+                      write_cifar10)  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10.yaml"
 SAMPLE_ROWS = 2  # images compared between ours and Keras
@@ -271,8 +272,8 @@ def main() -> None:
     res = Results("extract", args.json, config)
     backends = keras_backends(args.keras, res)
     work, tmp = workdir(args.workdir, "extract")
-    print(f"work dir {work}; {device}; models {models}; {n} images; batch {batch}; Keras {backends} ({' / '.join(policies)})",
-          flush=True)
+    print(f"work dir {work}; {device}; models {models}; {n} images; batch {batch}; "
+          f"Keras {backends} ({' / '.join(policies)})", flush=True)
 
     pool = photo_crops(min(n, 1024), 32, seed=0)
     labels = np.arange(n) % 10

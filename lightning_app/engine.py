@@ -385,15 +385,16 @@ def relative_error(a: Tensor, ref: Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def verify_compiled(out: Tensor, eager: Tensor, precision: str,
-                    float32: Optional[Callable[[], Tensor]] = None) -> Optional[str]:
+def verify_compiled(out: Tensor, eager: Tensor, precision: str, float32: Optional[Callable[[], Tensor]] = None,
+                    what: str = "its compiled output differs from eager") -> Optional[str]:
     """``None`` where the compiled output ``out`` may stand in for ``eager`` (same batch, ``[B, ...]``), else why
-    not: within ``VERIFY_TOLERANCE`` of eager, or (bf16, ``float32`` given: it computes the batch in float32) no
-    further from float32 than ``VERIFY_BF16_MARGIN`` x eager's own distance + ``VERIFY_BF16_SLACK``."""
+    not (starting with ``what``): within ``VERIFY_TOLERANCE`` of eager, or (bf16, ``float32`` given: it computes
+    the batch in float32) no further from float32 than ``VERIFY_BF16_MARGIN`` x eager's own distance +
+    ``VERIFY_BF16_SLACK``."""
     err, tol = relative_error(out, eager), VERIFY_TOLERANCE[precision]
     if math.isfinite(err) and err <= tol:
         return None
-    reason = f"its compiled output differs from eager by {err:.1e} (> {tol:g})"
+    reason = f"{what} by {err:.1e} (> {tol:g})"
     if not math.isfinite(err) or precision != "bf16" or float32 is None:
         return reason
     ref = float32()
@@ -403,6 +404,33 @@ def verify_compiled(out: Tensor, eager: Tensor, precision: str,
         return None
     return (f"{reason} and from float32 by {ours:.1e} (> {bound:.1e}: {VERIFY_BF16_MARGIN:g} x eager bf16's "
             f"{theirs:.1e})")
+
+
+def rewrite_references(net: nn.Module, example: Tensor, bf16: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """What a rewrite of ``net`` in place is checked against (:func:`rewrite_rejection`): its float32 output on
+    ``example`` and, with ``bf16``, its output under CPU bf16 autocast (as float32). Call without autocast."""
+    reference = net(example.clone())
+    if not bf16:
+        return reference, None
+    with precision_context("bf16", "cpu"):
+        return reference, net(example.clone()).float()
+
+
+def rewrite_rejection(net: nn.Module, example: Tensor, references: Tuple[Tensor, Optional[Tensor]]
+                      ) -> Optional[str]:
+    """Why ``net``, rewritten in place since :func:`rewrite_references` gave ``references``, must be put back, or
+    ``None``: its float32 output moved by more than ``FOLD_TOLERANCE`` or, with a bf16 reference, its bf16 output
+    fails :func:`verify_compiled`'s bf16 rule (two bf16 paths round differently)."""
+    reference, reference_bf16 = references
+    err = relative_error(net(example.clone()), reference)
+    if err > FOLD_TOLERANCE:
+        return f"changed its output by {err:.1e} (> {FOLD_TOLERANCE:g})"
+    if reference_bf16 is None:
+        return None
+    with precision_context("bf16", "cpu"):
+        out = net(example.clone()).float()
+    return verify_compiled(out, reference_bf16, "bf16", lambda: reference,
+                           what="its bf16 output differs from the unchanged bf16 one")
 
 
 def _sync(device: torch.device) -> None:
@@ -544,40 +572,30 @@ class InferenceEngine(nn.Module):
     def _fuse_activations(self, folded: FoldedCopy, x: Tensor, dtype: Optional[torch.dtype]) -> int:
         """Fuse ``folded``'s convolution -> activation pairs in place where the engine runs oneDNN (the CPU, a
         float32 source of ``dtype``), checked against the unfused copy in float32 and, in bf16, also under bf16
-        autocast (:func:`verify_compiled`'s bf16 rule: near the unfused bf16 output, or no further from float32 than
-        it); in float32 also the linear layers and ResNet blocks (their
-        fused forms are float32 only). The number fused, or -1 when fusing changed the output beyond the tolerance
+        autocast (:func:`rewrite_rejection`); in float32 also the linear layers and ResNet blocks (their fused forms
+        are float32 only). The number fused, or -1 when fusing changed the output beyond the tolerance
         (the caller then rebuilds the copy unfused)."""
         precision = self.options.effective_precision(x.device)
         if (not self.options.fuse_activations or x.device.type != "cpu" or not conv_fusion.available()
                 or precision not in ("fp32", "bf16") or dtype != torch.float32):
             return 0
-        example = x[:1].detach().to(torch.float32)
+        example = self._prepare(x[:1].detach().to(torch.float32))
         bf16 = precision == "bf16"
         with torch.inference_mode(False), torch.no_grad():
-            reference = folded.net(self._prepare(example.clone()))
-            if bf16:
-                with precision_context("bf16", "cpu"):
-                    reference_bf16 = folded.net(self._prepare(example.clone())).float()
-            fused = conv_fusion.fuse_conv_activations(folded.net, self._prepare(example.clone()))
-            if not bf16 and linear_fusion.onednn_linear_faster():
-                self._n_linear = linear_fusion.fuse_linears(folded.net, self._prepare(example.clone()))
-            if not bf16:
-                self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net,
-                                                                           self._prepare(example.clone())))
+            references = rewrite_references(folded.net, example, bf16)
+            fused = conv_fusion.fuse_conv_activations(folded.net, example.clone())
+            if not bf16:  # the linear and residual fusions are float32 only
+                if linear_fusion.onednn_linear_faster():
+                    self._n_linear = linear_fusion.fuse_linears(folded.net, example.clone())
+                self._n_residual = len(residual_fusion.fuse_residual_blocks(folded.net, example.clone()))
             wrapped = conv_fusion.wrap_convolutions(folded.net, skip_inside=(residual_fusion.FusedBottleneck,))
             if not fused and not self._n_linear and not self._n_residual and not wrapped:
                 return 0
-            err = relative_error(folded.net(self._prepare(example.clone())), reference)
-            why = f"changed {self.name}'s output by {err:.1e} (> {FOLD_TOLERANCE:g})" if err > FOLD_TOLERANCE else None
-            if bf16 and why is None:
-                with precision_context("bf16", "cpu"):
-                    out_bf16 = folded.net(self._prepare(example.clone())).float()
-                why = verify_compiled(out_bf16, reference_bf16, "bf16", lambda: reference)
+            why = rewrite_rejection(folded.net, example, references)
         if why is not None:
             self._n_linear = self._n_residual = 0
-            rank_zero_info(f"inference engine: fusing convolutions and linear layers with their activations {why}"
-                           f"{' in bf16' if bf16 else ''}; running them unfused")
+            rank_zero_info(f"inference engine: fusing {self.name}'s convolutions and linear layers with their "
+                           f"activations {why}{' in bf16' if bf16 else ''}; running them unfused")
             return -1
         return fused
 
@@ -592,7 +610,7 @@ class InferenceEngine(nn.Module):
         (:mod:`lightning_app.nasnet_cells`); in float32 only, DenseNet blocks into one buffer
         (:mod:`lightning_app.dense_blocks`: the float32 buffer would cast every bf16 layer output, 0.84x on
         DenseNet121 in bf16). Checked against the copy before in float32, like the fold, and in bf16 also under bf16
-        autocast (:func:`verify_compiled`'s bf16 rule). The number of modules replaced (0 when none, or when the
+        autocast (:func:`rewrite_rejection`). The number of modules replaced (0 when none, or when the
         output changed beyond the tolerance: then put back as it was, logged)."""
         if not self.options.restructure:
             return 0
@@ -601,10 +619,7 @@ class InferenceEngine(nn.Module):
         bf16 = eager_cpu and precision == "bf16"
         example = self._prepare(x[:1].detach().to(dtype or torch.float32))
         with torch.inference_mode(False), torch.no_grad(), precision_context("fp32", x.device.type):
-            reference = folded.net(example.clone())
-            if bf16:
-                with precision_context("bf16", "cpu"):
-                    reference_bf16 = folded.net(example.clone()).float()
+            references = rewrite_references(folded.net, example, bf16)
             replaced = dense_blocks.restructure_dense_blocks(folded.net, buffers=eager_cpu and not bf16)
             replaced += same_pooling.replace_same_pools(folded.net)
             if eager_cpu:
@@ -615,12 +630,7 @@ class InferenceEngine(nn.Module):
                 replaced += nasnet_cells.replace_cells(folded.net)
             if not replaced:
                 return 0
-            err = relative_error(folded.net(example.clone()), reference)
-            why = f"changed its output by {err:.1e} (> {FOLD_TOLERANCE:g})" if err > FOLD_TOLERANCE else None
-            if bf16 and why is None:
-                with precision_context("bf16", "cpu"):
-                    why = verify_compiled(folded.net(example.clone()).float(), reference_bf16, "bf16",
-                                          lambda: reference)
+            why = rewrite_rejection(folded.net, example, references)
             if why is None:
                 return len(replaced)
             restore_modules(folded.net, replaced)
